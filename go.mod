@@ -1,0 +1,8 @@
+module github.com/cellmesh/cellmesh
+
+go 1.26
+
+require (
+	github.com/cespare/xxhash/v2 v2.3.0
+	go.yaml.in/yaml/v3 v3.0.6
+)
