@@ -1,0 +1,142 @@
+// Command cellmesh is the cellmesh binary: the operator CLI today, and the
+// sidecar and control plane as they land. This package only wires flags to
+// the packages that do the work.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+// Exit codes.
+const (
+	exitOK      = 0
+	exitError   = 1 // bad input, invalid topology, failed command
+	exitUsage   = 2 // unknown command or flag
+	exitRefused = 3 // a plan broke a safety rule
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+type command struct {
+	name    string
+	summary string
+	run     func(args []string, stdout, stderr io.Writer) int
+}
+
+func commands() []command {
+	return []command{
+		{"route", "print where a request goes: shard, zone, unit, region, epoch", runRoute},
+		{"topology", "check a topology file (topology validate FILE)", runTopology},
+		{"plan", "compute a plan (evacuate, fail, add-unit, remove-unit) and check it against the safety rules", runPlan},
+	}
+}
+
+const usageHead = `cellmesh: a multi-region, multi-active service-mesh data plane.
+
+Usage: cellmesh <command> [flags]
+
+Commands:
+`
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, usageHead)
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+	}
+	fmt.Fprint(w, "\nRun 'cellmesh <command> --help' for a command's flags.\n")
+}
+
+// run executes the command line and returns the exit code.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		usage(stderr)
+		return exitUsage
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		usage(stdout)
+		return exitOK
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(args[1:], stdout, stderr)
+		}
+	}
+	fmt.Fprintf(stderr, "cellmesh: unknown command %q\n\n", args[0])
+	usage(stderr)
+	return exitUsage
+}
+
+// newFlags returns a flag set that prints its usage to stdout on --help and
+// to stderr on a mistake.
+func newFlags(name, synopsis, about string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: %s\n\n%s\n", synopsis, about)
+		if hasFlags(fs) {
+			fmt.Fprint(fs.Output(), "\nFlags:\n")
+			fs.PrintDefaults()
+		}
+	}
+	return fs
+}
+
+func hasFlags(fs *flag.FlagSet) bool {
+	n := 0
+	fs.VisitAll(func(*flag.Flag) { n++ })
+	return n > 0
+}
+
+// parse parses args; it returns done=true with the exit code when the command
+// must stop (help or a flag error).
+func parse(fs *flag.FlagSet, args []string, stdout io.Writer) (code int, done bool) {
+	out := fs.Output()
+	for _, a := range args {
+		if a == "-h" || a == "--help" || a == "-help" {
+			fs.SetOutput(stdout)
+			fs.Usage()
+			fs.SetOutput(out)
+			return exitOK, true
+		}
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK, true
+		}
+		return exitUsage, true
+	}
+	return 0, false
+}
+
+// failf prints an error for the named command and returns exitError.
+func failf(stderr io.Writer, cmd, format string, args ...any) int {
+	fmt.Fprintf(stderr, "cellmesh %s: %s\n", cmd, fmt.Sprintf(format, args...))
+	return exitError
+}
+
+// usagef prints a usage mistake and returns exitUsage.
+func usagef(stderr io.Writer, cmd, format string, args ...any) int {
+	fmt.Fprintf(stderr, "cellmesh %s: %s (see 'cellmesh %s --help')\n", cmd, fmt.Sprintf(format, args...), cmd)
+	return exitUsage
+}
+
+// multiFlag collects a repeatable flag; commas also separate values.
+type multiFlag []string
+
+func (m *multiFlag) String() string { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error {
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			*m = append(*m, p)
+		}
+	}
+	return nil
+}

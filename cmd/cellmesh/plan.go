@@ -1,0 +1,167 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/cellmesh/cellmesh/routing"
+	"github.com/cellmesh/cellmesh/routing/topofile"
+)
+
+const planUsage = `Usage: cellmesh plan <kind> --topology FILE [flags]
+
+Computes a plan against a topology file, checks it against the topology's
+safety rules, and prints it. Nothing is changed: the plan is a dry run unless
+--write-topology saves the topology it leads to.
+
+Kinds:
+  evacuate     --region R | --unit U    move every shard led there to a standby elsewhere
+  fail         --region R | --unit U    fail over lost units (comma-separate several)
+  add-unit     --name U --region R --capacity RPS [--kind rzone|gzone|czone]
+                                        declare a unit and rebalance shards to it
+  remove-unit  --unit U                 move every shard off a unit and delete it
+
+Exit 0 when the plan passes every rule, 3 when a rule refuses it, 1 on bad
+input, 2 on a usage mistake.
+`
+
+func runPlan(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		if len(args) == 0 {
+			fmt.Fprint(stderr, planUsage)
+			return exitUsage
+		}
+		fmt.Fprint(stdout, planUsage)
+		return exitOK
+	}
+	kind := args[0]
+	synopsis := map[string]string{
+		"evacuate":    "cellmesh plan evacuate (--region R | --unit U) --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
+		"fail":        "cellmesh plan fail (--region R | --unit U[,U...]) --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
+		"add-unit":    "cellmesh plan add-unit --name U --region R --capacity RPS [--kind rzone] --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
+		"remove-unit": "cellmesh plan remove-unit --unit U --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
+	}[kind]
+	if synopsis == "" {
+		return usagef(stderr, "plan", "unknown plan kind %q (want evacuate, fail, add-unit or remove-unit)", kind)
+	}
+	cmd := "plan " + kind
+	fs := newFlags(cmd, synopsis, strings.TrimSpace(strings.SplitN(planUsage, "Kinds:", 2)[0][len("Usage: cellmesh plan <kind> --topology FILE [flags]\n\n"):]), stderr)
+	topo := fs.String("topology", "", "topology YAML file (required)")
+	asJSON := fs.Bool("json", false, "print the plan as JSON")
+	writeTo := fs.String("write-topology", "", "when the plan passes, write the topology it leads to (YAML) to this file")
+	var loads multiFlag
+	fs.Var(&loads, "load", "measured load of a unit as UNIT=RPS (repeatable or comma-separated); units without one count as 0 rps")
+	var region, unit, name, unitKind *string
+	var capacity *float64
+	switch kind {
+	case "evacuate", "fail":
+		region = fs.String("region", "", "region to "+kind)
+		unit = fs.String("unit", "", "unit to "+kind)
+	case "remove-unit":
+		unit = fs.String("unit", "", "unit to remove (required)")
+	case "add-unit":
+		name = fs.String("name", "", "name of the new unit (required)")
+		region = fs.String("region", "", "region of the new unit (required)")
+		capacity = fs.Float64("capacity", 0, "declared capacity of the new unit in requests/s (required)")
+		unitKind = fs.String("kind", "rzone", "kind of the new unit: rzone, gzone or czone")
+	}
+	if code, done := parse(fs, args[1:], stdout); done {
+		return code
+	}
+	if fs.NArg() > 0 {
+		return usagef(stderr, cmd, "unexpected argument %q", fs.Arg(0))
+	}
+	if *topo == "" {
+		return usagef(stderr, cmd, "--topology is required")
+	}
+	obs, err := parseLoads(loads)
+	if err != nil {
+		return usagef(stderr, cmd, "%v", err)
+	}
+	m, code := loadMap(*topo, cmd, stderr)
+	if m == nil {
+		return code
+	}
+	for u := range obs.LoadRPS {
+		if _, ok := m.Unit(u); !ok {
+			return failf(stderr, cmd, "--load: unit %q is not in the topology", u)
+		}
+	}
+
+	var plan *routing.Plan
+	switch kind {
+	case "evacuate", "fail":
+		if (*region == "") == (*unit == "") {
+			return usagef(stderr, cmd, "give exactly one of --region or --unit")
+		}
+		switch {
+		case kind == "evacuate" && *region != "":
+			plan, err = routing.EvacuateRegion(m, *region, obs)
+		case kind == "evacuate":
+			plan, err = routing.EvacuateUnit(m, *unit, obs)
+		case *region != "":
+			plan, err = routing.FailRegion(m, *region, obs)
+		default:
+			var units multiFlag
+			_ = units.Set(*unit)
+			plan, err = routing.FailUnits(m, units, obs)
+		}
+	case "remove-unit":
+		if *unit == "" {
+			return usagef(stderr, cmd, "--unit is required")
+		}
+		plan, err = routing.RemoveUnit(m, *unit, obs)
+	case "add-unit":
+		if *name == "" || *region == "" || *capacity == 0 {
+			return usagef(stderr, cmd, "--name, --region and --capacity are required")
+		}
+		plan, err = routing.AddUnit(m, routing.Unit{Name: *name, Region: *region, Kind: routing.Kind(*unitKind), CapacityRPS: *capacity}, obs)
+	}
+	var refused *routing.RefusedError
+	if err != nil && !errors.As(err, &refused) {
+		return failf(stderr, cmd, "%v", err)
+	}
+	if *asJSON {
+		b, _ := json.MarshalIndent(plan, "", "  ")
+		fmt.Fprintln(stdout, string(b))
+	} else {
+		fmt.Fprint(stdout, plan.Text())
+	}
+	if refused != nil {
+		fmt.Fprintf(stderr, "cellmesh %s: %v\n", cmd, refused)
+		return exitRefused
+	}
+	if *writeTo != "" {
+		t, err := m.Apply(plan)
+		if err != nil {
+			return failf(stderr, cmd, "%v", err)
+		}
+		b, err := topofile.Encode(t)
+		if err != nil {
+			return failf(stderr, cmd, "%v", err)
+		}
+		if err := os.WriteFile(*writeTo, b, 0o644); err != nil {
+			return failf(stderr, cmd, "write topology: %v", err)
+		}
+		fmt.Fprintf(stderr, "wrote the topology after the plan (version %d) to %s\n", t.Version, *writeTo)
+	}
+	return exitOK
+}
+
+func parseLoads(loads []string) (routing.Observed, error) {
+	obs := routing.Observed{LoadRPS: map[string]float64{}}
+	for _, l := range loads {
+		u, v, ok := strings.Cut(l, "=")
+		rps, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if !ok || strings.TrimSpace(u) == "" || err != nil || rps < 0 || rps != rps || rps > 1e12 {
+			return obs, fmt.Errorf("--load %q: want UNIT=RPS with a non-negative rate, like us-east-1=12000", l)
+		}
+		obs.LoadRPS[strings.TrimSpace(u)] = rps
+	}
+	return obs, nil
+}

@@ -1,0 +1,129 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/textproto"
+	"net/url"
+	"strings"
+
+	"github.com/cellmesh/cellmesh/routing"
+	"github.com/cellmesh/cellmesh/routing/topofile"
+)
+
+// routeOutput is the JSON that `cellmesh route` prints. Shard is null when the
+// route is not user-sharded (gzone, czone).
+type routeOutput struct {
+	Shard  *int          `json:"shard"`
+	Zone   routing.Zone  `json:"zone"`
+	Unit   string        `json:"unit"`
+	Region string        `json:"region"`
+	Epoch  uint64        `json:"epoch"`
+	State  routing.State `json:"state"`
+	Write  bool          `json:"write"`
+	Key    string        `json:"key,omitempty"`
+}
+
+func runRoute(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("route", "cellmesh route --topology FILE --uid ID [--key-header H] [--method M] [--path P] [--from UNIT] [--header 'Name: value']...",
+		`Prints, as JSON, where a request goes: its shard, zone, unit, region and
+epoch, decided by the topology's key, shard and zone rules exactly as a
+sidecar decides it. The user id is sent in the header --key-header; the path
+(with an optional ?query) and method pick the zone rule and may carry the key
+themselves. Exit 0 with the decision, 1 when the request cannot be routed
+(no key, non-numeric key under mod/digits) or the topology is invalid.`, stderr)
+	topo := fs.String("topology", "", "topology YAML file (required)")
+	uid := fs.String("uid", "", "user key to route; sent in the --key-header header")
+	keyHeader := fs.String("key-header", "", "header that carries --uid (default: the topology's first header key source, else "+routing.DefaultKeyHeader+")")
+	method := fs.String("method", "GET", "HTTP method of the request")
+	path := fs.String("path", "/", "request path, optionally with ?query")
+	from := fs.String("from", "", "unit of the sidecar deciding; needed for czone routes")
+	var headers multiFlag
+	fs.Var(&headers, "header", "extra request header 'Name: value' (repeatable), e.g. 'Cookie: uid=42'")
+	if code, done := parse(fs, args, stdout); done {
+		return code
+	}
+	if fs.NArg() > 0 {
+		return usagef(stderr, "route", "unexpected argument %q", fs.Arg(0))
+	}
+	if *topo == "" {
+		return usagef(stderr, "route", "--topology is required")
+	}
+	m, code := loadMap(*topo, "route", stderr)
+	if m == nil {
+		return code
+	}
+	req, err := buildRequest(m, *uid, *keyHeader, *method, *path, *from, headers)
+	if err != nil {
+		return failf(stderr, "route", "%v", err)
+	}
+	d, err := m.Decide(req)
+	if err != nil {
+		return failf(stderr, "route", "%v", err)
+	}
+	out := routeOutput{Zone: d.Zone, Unit: d.Unit, Region: d.Region, Epoch: d.Epoch, State: d.State, Write: d.Write, Key: d.Key}
+	if d.Shard != routing.GlobalShard {
+		out.Shard = &d.Shard
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(out); err != nil {
+		return failf(stderr, "route", "write output: %v", err)
+	}
+	return exitOK
+}
+
+func buildRequest(m *routing.ShardMap, uid, keyHeader, method, path, from string, headers []string) (*routing.Request, error) {
+	u, err := url.ParseRequestURI(path)
+	if err != nil || !strings.HasPrefix(path, "/") {
+		return nil, fmt.Errorf("--path %q is not a request path like /v1/users/42?x=1", path)
+	}
+	if method == "" || strings.ContainsAny(method, " \t\r\n") {
+		return nil, fmt.Errorf("--method %q is not an HTTP method", method)
+	}
+	if from != "" {
+		if _, ok := m.Unit(from); !ok {
+			return nil, fmt.Errorf("--from: unit %q is not in the topology", from)
+		}
+	}
+	h := http.Header{}
+	for _, line := range headers {
+		name, value, ok := strings.Cut(line, ":")
+		name = strings.TrimSpace(name)
+		if !ok || name == "" || strings.ContainsAny(name, " \t") {
+			return nil, fmt.Errorf("--header %q: want 'Name: value'", line)
+		}
+		h.Add(name, strings.TrimSpace(value))
+	}
+	if uid != "" {
+		if keyHeader == "" {
+			keyHeader = routing.DefaultKeyHeader
+			for _, k := range m.Topology().Keys {
+				if k.Kind == routing.KeyHeader {
+					keyHeader = k.Name
+					break
+				}
+			}
+		}
+		h.Add(textproto.CanonicalMIMEHeaderKey(keyHeader), uid)
+	}
+	return &routing.Request{Method: strings.ToUpper(method), Path: u.Path, RawQuery: u.RawQuery, Header: h, LocalUnit: from}, nil
+}
+
+// loadMap loads and compiles a topology; on failure it prints every problem
+// and returns the exit code.
+func loadMap(path, cmd string, stderr io.Writer) (*routing.ShardMap, int) {
+	t, err := topofile.Load(path)
+	if err != nil {
+		return nil, failf(stderr, cmd, "%v", err)
+	}
+	m, err := routing.Compile(t)
+	if err != nil {
+		fmt.Fprintf(stderr, "cellmesh %s: %s: %v\n", cmd, path, err)
+		fmt.Fprintf(stderr, "run 'cellmesh topology validate %s' for the list\n", path)
+		return nil, exitError
+	}
+	return m, exitOK
+}

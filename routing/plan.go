@@ -1,0 +1,625 @@
+package routing
+
+import (
+	"container/heap"
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+)
+
+// PlanKind names what a plan does.
+type PlanKind string
+
+// Plan kinds.
+const (
+	PlanEvacuateRegion PlanKind = "evacuate-region"
+	PlanEvacuateUnit   PlanKind = "evacuate-unit"
+	PlanFail           PlanKind = "fail"
+	PlanAddUnit        PlanKind = "add-unit"
+	PlanRemoveUnit     PlanKind = "remove-unit"
+)
+
+// Observed is what planners know beyond the topology.
+type Observed struct {
+	// LoadRPS is the measured request rate per unit. A unit without a figure
+	// counts as 0 rps, and the capacity rule says so.
+	LoadRPS map[string]float64
+}
+
+// Move changes one shard: its primary (From -> To, epoch+1), its standbys,
+// or both. A move with From == To only changes standbys.
+type Move struct {
+	Shard     int      `json:"shard"`
+	Global    bool     `json:"global,omitempty"`
+	From      string   `json:"from"`
+	To        string   `json:"to"`
+	FromEpoch uint64   `json:"from_epoch"`
+	ToEpoch   uint64   `json:"to_epoch"`
+	Standbys  []string `json:"standbys"`
+	// OldStandbys are the standbys before the move.
+	OldStandbys []string `json:"old_standbys"`
+	// CopyFirst: To holds no copy of the shard yet. The handoff must add it
+	// as a standby and wait until it is in sync before promoting it.
+	CopyFirst bool `json:"copy_first,omitempty"`
+	// Wave is the 1-based wave the move runs in; moves of one wave are in
+	// flight at once.
+	Wave int `json:"wave"`
+}
+
+// PrimaryChange reports whether the move changes the shard's primary.
+func (mv *Move) PrimaryChange() bool { return mv.From != mv.To }
+
+// Plan is a set of moves computed against one topology version. It changes
+// nothing until Apply.
+type Plan struct {
+	Kind PlanKind `json:"kind"`
+	// Target is the region or unit the plan is about.
+	Target string `json:"target"`
+	// Version is the topology version the plan was computed from; Apply
+	// refuses any other.
+	Version uint64 `json:"version"`
+	Moves   []Move `json:"moves"`
+	Waves   int    `json:"waves"`
+	// AddUnit is the unit an add-unit plan declares.
+	AddUnit *Unit `json:"add_unit,omitempty"`
+	// RemoveUnit is the unit a remove-unit plan deletes.
+	RemoveUnit string `json:"remove_unit,omitempty"`
+	// Lost are units taken as lost (fail plans); Evacuated units keep no
+	// primary but may hold standbys.
+	Lost      []string `json:"lost,omitempty"`
+	Evacuated []string `json:"evacuated,omitempty"`
+	// Rules are the safety rules evaluated on the plan.
+	Rules []RuleResult `json:"rules"`
+}
+
+// Refused reports whether a safety rule refuses the plan.
+func (p *Plan) Refused() bool {
+	for _, r := range p.Rules {
+		if !r.OK {
+			return true
+		}
+	}
+	return false
+}
+
+// RefusedError says which safety rules refuse a plan. The plan itself is
+// returned beside it, for a dry run to show.
+type RefusedError struct {
+	Kind   PlanKind
+	Target string
+	Broken []RuleResult
+}
+
+func (e *RefusedError) Error() string {
+	s := fmt.Sprintf("plan %s %s refused: ", e.Kind, e.Target)
+	for i, r := range e.Broken {
+		if i > 0 {
+			s += "; "
+		}
+		s += r.Rule + ": " + r.Detail
+	}
+	return s
+}
+
+// ErrUnknown is wrapped by errors for an unknown region or unit.
+var ErrUnknown = errors.New("unknown")
+
+// PlanError is a plan request that makes no sense for the topology, such as
+// an unknown region; no plan exists.
+type PlanError struct {
+	Msg string
+	Err error
+}
+
+func (e *PlanError) Error() string { return e.Msg }
+func (e *PlanError) Unwrap() error { return e.Err }
+
+func planErr(err error, format string, args ...any) error {
+	return &PlanError{Msg: fmt.Sprintf(format, args...), Err: err}
+}
+
+// planner holds the working state of one plan.
+type planner struct {
+	m     *ShardMap
+	units []Unit // m.units, plus an added unit
+	obs   Observed
+	plan  *Plan
+
+	lost, evac, removed []bool // by unit index
+
+	// working assignment, copied on write
+	primary  []int32
+	standbys [][]int32
+	gPrimary int32
+	gStandby []int32
+
+	load      []float64 // estimated current load per unit, updated by moves
+	shardLoad []float64 // per shard, from the original primary
+	gLoad     float64
+	count     []int // primaries per unit, updated
+
+	cursor map[Kind]int // round-robin over units for new standbys
+	moved  map[int]int  // shard -> index in plan.Moves
+}
+
+func newPlanner(m *ShardMap, kind PlanKind, target string, obs Observed, extra *Unit) *planner {
+	units := m.units
+	if extra != nil {
+		units = append(slices.Clip(slices.Clone(m.units)), *extra)
+	}
+	p := &planner{
+		m: m, units: units, obs: obs,
+		plan:    &Plan{Kind: kind, Target: target, Version: m.version, AddUnit: extra},
+		lost:    make([]bool, len(units)),
+		evac:    make([]bool, len(units)),
+		removed: make([]bool, len(units)),
+		primary: make([]int32, m.n), standbys: make([][]int32, m.n),
+		load: make([]float64, len(units)), shardLoad: make([]float64, m.n),
+		count:  make([]int, len(units)),
+		cursor: map[Kind]int{},
+		moved:  map[int]int{},
+	}
+	for s := range m.slots {
+		p.primary[s] = m.slots[s].primary
+		p.standbys[s] = m.slots[s].standbys
+		p.count[m.slots[s].primary]++
+	}
+	if m.hasGlb {
+		p.gPrimary, p.gStandby = m.global.primary, m.global.standbys
+	}
+	for i, u := range units {
+		p.load[i] = obs.LoadRPS[u.Name]
+	}
+	for s := range m.slots {
+		u := m.slots[s].primary
+		p.shardLoad[s] = p.load[u] / float64(p.count[u])
+	}
+	if m.hasGlb {
+		p.gLoad = p.load[m.global.primary]
+	}
+	return p
+}
+
+func (p *planner) get(shard int) (int32, []int32) {
+	if shard == GlobalShard {
+		return p.gPrimary, p.gStandby
+	}
+	return p.primary[shard], p.standbys[shard]
+}
+
+func (p *planner) shardLoadOf(shard int) float64 {
+	if shard == GlobalShard {
+		return p.gLoad
+	}
+	return p.shardLoad[shard]
+}
+
+func (p *planner) names(us []int32) []string {
+	out := make([]string, len(us))
+	for i, u := range us {
+		out[i] = p.units[u].Name
+	}
+	return out
+}
+
+// set records the shard's new primary and standbys as a move.
+func (p *planner) set(shard int, to int32, sbs []int32, copyFirst bool) {
+	from, old := p.get(shard)
+	if from == to && slices.Equal(old, sbs) {
+		return
+	}
+	if shard == GlobalShard {
+		p.gPrimary, p.gStandby = to, sbs
+	} else {
+		p.primary[shard], p.standbys[shard] = to, sbs
+	}
+	if from != to {
+		l := p.shardLoadOf(shard)
+		p.load[from] -= l
+		p.load[to] += l
+		if shard != GlobalShard {
+			p.count[from]--
+			p.count[to]++
+		}
+	}
+	if i, ok := p.moved[shard]; ok { // a shard moves once per plan: merge
+		mv := &p.plan.Moves[i]
+		mv.To, mv.Standbys = p.units[to].Name, p.names(sbs)
+		mv.ToEpoch = mv.FromEpoch
+		if mv.From != mv.To {
+			mv.ToEpoch++
+		}
+		mv.CopyFirst = mv.CopyFirst || copyFirst
+		return
+	}
+	sl, _ := p.m.slot(shard)
+	mv := Move{
+		Shard: shard, Global: shard == GlobalShard,
+		From: p.units[from].Name, To: p.units[to].Name,
+		FromEpoch: sl.epoch, ToEpoch: sl.epoch,
+		Standbys: p.names(sbs), OldStandbys: p.names(old),
+		CopyFirst: copyFirst,
+	}
+	if from != to {
+		mv.ToEpoch++
+	}
+	p.moved[shard] = len(p.plan.Moves)
+	p.plan.Moves = append(p.plan.Moves, mv)
+}
+
+// usable reports whether unit u may hold a copy of data (not lost or removed).
+func (p *planner) usable(u int32) bool { return !p.lost[u] && !p.removed[u] }
+
+// canLead reports whether unit u may be a primary after the plan.
+func (p *planner) canLead(u int32) bool { return p.usable(u) && !p.evac[u] }
+
+func (p *planner) headroom(u int32, add float64) bool {
+	c := p.units[u].CapacityRPS * p.m.topo.Safety.withDefaults().MaxUtilization
+	return p.load[u]+add <= c
+}
+
+// pickStandby returns the standby of the shard that should take over: the
+// first, in standby order, that may lead and has headroom; else the first
+// that may lead; else -1.
+func (p *planner) pickStandby(shard int) int32 {
+	_, sbs := p.get(shard)
+	first := int32(-1)
+	l := p.shardLoadOf(shard)
+	for _, s := range sbs {
+		if !p.canLead(s) {
+			continue
+		}
+		if p.headroom(s, l) {
+			return s
+		}
+		if first < 0 {
+			first = s
+		}
+	}
+	return first
+}
+
+// fixStandbys returns the standby list for a shard whose primary becomes
+// newPrimary: the old standbys without newPrimary and unusable units, then
+// keep (the old primary, when it still holds a usable copy) at the end, then
+// one more unit when no standby is in another region and one could be.
+func (p *planner) fixStandbys(shard int, newPrimary int32, keep int32) []int32 {
+	_, old := p.get(shard)
+	out := make([]int32, 0, len(old)+2)
+	for _, s := range old {
+		if s != newPrimary && p.usable(s) {
+			out = append(out, s)
+		}
+	}
+	if keep >= 0 && keep != newPrimary && p.usable(keep) && !slices.Contains(out, keep) {
+		out = append(out, keep)
+	}
+	region := p.units[newPrimary].Region
+	for _, s := range out {
+		if p.units[s].Region != region {
+			return out
+		}
+	}
+	kind := KindRZone
+	if shard == GlobalShard {
+		kind = KindGZone
+	}
+	if u := p.nextStandby(kind, newPrimary, out, true); u >= 0 {
+		return append(out, u)
+	}
+	if len(out) == 0 {
+		if u := p.nextStandby(kind, newPrimary, out, false); u >= 0 {
+			return append(out, u)
+		}
+	}
+	return out
+}
+
+// nextStandby picks, round robin, a usable unit of the kind that is not the
+// primary nor already listed, in another region when crossRegion. Units that
+// may lead are preferred over evacuated ones.
+func (p *planner) nextStandby(kind Kind, primary int32, have []int32, crossRegion bool) int32 {
+	region := p.units[primary].Region
+	n := len(p.units)
+	for pass := 0; pass < 2; pass++ {
+		start := p.cursor[kind]
+		for i := 0; i < n; i++ {
+			u := int32((start + i) % n)
+			un := &p.units[u]
+			if un.Kind != kind || u == primary || !p.usable(u) || slices.Contains(have, u) {
+				continue
+			}
+			if pass == 0 && p.evac[u] {
+				continue
+			}
+			if crossRegion && un.Region == region {
+				continue
+			}
+			p.cursor[kind] = int(u) + 1
+			return u
+		}
+	}
+	return -1
+}
+
+// moveAway moves every shard led by a unit that may no longer lead to one
+// of its standbys, and fixes the standbys of every shard that lists a unit
+// that can no longer hold data. keepOld says whether the old primary stays
+// as a standby (it does when it is alive).
+func (p *planner) moveAway() {
+	n := p.m.n
+	for shard := GlobalShard; shard < n; shard++ {
+		if shard == GlobalShard && !p.m.hasGlb {
+			continue
+		}
+		pri, sbs := p.get(shard)
+		if !p.canLead(pri) {
+			to := p.pickStandby(shard)
+			if to < 0 {
+				continue // the completeness rule reports it
+			}
+			p.set(shard, to, p.fixStandbys(shard, to, pri), false)
+			continue
+		}
+		for _, s := range sbs {
+			if !p.usable(s) {
+				p.set(shard, pri, p.fixStandbys(shard, pri, -1), false)
+				break
+			}
+		}
+	}
+}
+
+func (m *ShardMap) unitsOf(region string) []int32 {
+	var out []int32
+	for i, u := range m.units {
+		if u.Region == region {
+			out = append(out, int32(i))
+		}
+	}
+	return out
+}
+
+func (m *ShardMap) hasUnit(name string) bool {
+	_, ok := m.unitIndex[name]
+	return ok
+}
+
+func (m *ShardMap) hasRegion(r string) bool {
+	for _, x := range m.topo.Regions {
+		if x.Name == r {
+			return true
+		}
+	}
+	return false
+}
+
+// EvacuateRegion plans moving every shard (and the gzone writer) whose
+// primary is in region to a standby in another region. The region's units stay as
+// standbys, so a restore can move shards back without a copy.
+func EvacuateRegion(m *ShardMap, region string, obs Observed) (*Plan, error) {
+	if !m.hasRegion(region) {
+		return nil, planErr(ErrUnknown, "region %q is not in the topology", region)
+	}
+	p := newPlanner(m, PlanEvacuateRegion, region, obs, nil)
+	for _, u := range m.unitsOf(region) {
+		p.evac[u] = true
+		p.plan.Evacuated = append(p.plan.Evacuated, m.units[u].Name)
+	}
+	p.moveAway()
+	return p.finish()
+}
+
+// EvacuateUnit plans moving every shard led by unit to one of its standbys.
+// The unit stays as a standby.
+func EvacuateUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
+	u, ok := m.unitIndex[unit]
+	if !ok {
+		return nil, planErr(ErrUnknown, "unit %q is not in the topology", unit)
+	}
+	p := newPlanner(m, PlanEvacuateUnit, unit, obs, nil)
+	p.evac[u] = true
+	p.plan.Evacuated = []string{unit}
+	p.moveAway()
+	return p.finish()
+}
+
+// FailUnits plans the failover of lost units: every shard they lead moves to
+// its first live standby with headroom, and they are dropped from every
+// standby list (with a new standby where a shard would keep none in another
+// region).
+func FailUnits(m *ShardMap, lost []string, obs Observed) (*Plan, error) {
+	if len(lost) == 0 {
+		return nil, planErr(nil, "no lost unit given")
+	}
+	target := lost[0]
+	if len(lost) > 1 {
+		target = fmt.Sprintf("%s (+%d more)", lost[0], len(lost)-1)
+	}
+	p := newPlanner(m, PlanFail, target, obs, nil)
+	for _, name := range lost {
+		u, ok := m.unitIndex[name]
+		if !ok {
+			return nil, planErr(ErrUnknown, "unit %q is not in the topology", name)
+		}
+		if !p.lost[u] {
+			p.lost[u] = true
+			p.plan.Lost = append(p.plan.Lost, name)
+		}
+	}
+	p.moveAway()
+	return p.finish()
+}
+
+// FailRegion plans the failover of every unit of a lost region.
+func FailRegion(m *ShardMap, region string, obs Observed) (*Plan, error) {
+	if !m.hasRegion(region) {
+		return nil, planErr(ErrUnknown, "region %q is not in the topology", region)
+	}
+	var names []string
+	for _, u := range m.unitsOf(region) {
+		names = append(names, m.units[u].Name)
+	}
+	p, err := FailUnits(m, names, obs)
+	if p != nil {
+		p.Target = region
+	}
+	var re *RefusedError
+	if errors.As(err, &re) {
+		re.Target = region
+	}
+	return p, err
+}
+
+// RemoveUnit plans deleting unit from the topology: every shard it leads
+// moves to one of its standbys, and standby lists that name it get another
+// unit where a shard would keep no standby in another region.
+func RemoveUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
+	u, ok := m.unitIndex[unit]
+	if !ok {
+		return nil, planErr(ErrUnknown, "unit %q is not in the topology", unit)
+	}
+	p := newPlanner(m, PlanRemoveUnit, unit, obs, nil)
+	p.removed[u] = true
+	p.plan.RemoveUnit = unit
+	p.moveAway()
+	return p.finish()
+}
+
+// AddUnit plans declaring a new unit and, for an rzone unit, a rebalance with
+// the fewest moves: it moves to the new unit its capacity-weighted share of the
+// shards, each taken from the unit most above its own share. The moves copy
+// first: the new unit holds no data yet.
+func AddUnit(m *ShardMap, u Unit, obs Observed) (*Plan, error) {
+	var ps problems
+	switch {
+	case !ValidName(u.Name):
+		ps.add(unitSubject(u.Name), "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
+	case m.hasUnit(u.Name):
+		ps.add(unitSubject(u.Name), "already in the topology")
+	case m.hasRegion(u.Name):
+		ps.add(unitSubject(u.Name), "has the name of a region")
+	}
+	if !m.hasRegion(u.Region) {
+		ps.add(unitSubject(u.Name), "region %q is not in the topology; declare it first", u.Region)
+	}
+	if u.Kind == "" {
+		u.Kind = KindRZone
+	}
+	if !u.Kind.valid() {
+		ps.add(unitSubject(u.Name), "kind %q is unknown (want rzone, gzone or czone)", u.Kind)
+	}
+	if !(u.CapacityRPS > 0) || u.CapacityRPS > 1e12 {
+		ps.add(unitSubject(u.Name), "capacity_rps %v must be a positive request rate", u.CapacityRPS)
+	}
+	if len(ps) > 0 {
+		return nil, planErr(&ValidationError{Problems: ps}, "cannot add unit: %v", (&ValidationError{Problems: ps}).Error())
+	}
+	p := newPlanner(m, PlanAddUnit, u.Name, obs, &u)
+	if u.Kind == KindRZone {
+		p.rebalanceTo(int32(len(p.units) - 1))
+	}
+	return p.finish()
+}
+
+// rebalanceTo moves shards to the new unit nu until it holds its share.
+func (p *planner) rebalanceTo(nu int32) {
+	var total float64
+	var members []int32
+	for i := range p.units {
+		u := int32(i)
+		if p.units[i].Kind == KindRZone && p.canLead(u) {
+			total += p.units[i].CapacityRPS
+			members = append(members, u)
+		}
+	}
+	n := float64(p.m.n)
+	share := func(u int32) float64 { return n * p.units[u].CapacityRPS / total }
+	want := int(math.Floor(share(nu) + 0.5))
+	if want == 0 {
+		return
+	}
+	// shards of each donor, highest first taken last
+	owned := make([][]int, len(p.units))
+	for s := 0; s < p.m.n; s++ {
+		owned[p.primary[s]] = append(owned[p.primary[s]], s)
+	}
+	h := &surplusHeap{}
+	for _, u := range members {
+		if u != nu && len(owned[u]) > 0 {
+			*h = append(*h, donor{u: u, surplus: float64(p.count[u]) - share(u)})
+		}
+	}
+	heap.Init(h)
+	for moved := 0; moved < want && h.Len() > 0; moved++ {
+		d := heap.Pop(h).(donor)
+		list := owned[d.u]
+		s := list[len(list)-1]
+		owned[d.u] = list[:len(list)-1]
+		p.set(s, nu, p.fixStandbys(s, nu, -1), true)
+		if len(owned[d.u]) > 0 {
+			d.surplus--
+			heap.Push(h, d)
+		}
+	}
+}
+
+type donor struct {
+	u       int32
+	surplus float64
+}
+
+type surplusHeap []donor
+
+func (h surplusHeap) Len() int { return len(h) }
+func (h surplusHeap) Less(i, j int) bool {
+	if h[i].surplus != h[j].surplus {
+		return h[i].surplus > h[j].surplus
+	}
+	return h[i].u < h[j].u
+}
+func (h surplusHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *surplusHeap) Push(x any)   { *h = append(*h, x.(donor)) }
+func (h *surplusHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}
+
+// finish orders the moves into waves, checks the safety rules, and returns
+// the plan, with a *RefusedError when a rule breaks.
+func (p *planner) finish() (*Plan, error) {
+	plan := p.plan
+	// primary changes first (the global writer first of all), then standby-only
+	// changes; by shard within each.
+	slices.SortStableFunc(plan.Moves, func(a, b Move) int {
+		ap, bp := a.PrimaryChange(), b.PrimaryChange()
+		if ap != bp {
+			if ap {
+				return -1
+			}
+			return 1
+		}
+		return a.Shard - b.Shard
+	})
+	limit := p.m.topo.Safety.withDefaults().MaxShardsInFlight
+	for i := range plan.Moves {
+		plan.Moves[i].Wave = i/limit + 1
+	}
+	if len(plan.Moves) > 0 {
+		plan.Waves = plan.Moves[len(plan.Moves)-1].Wave
+	}
+	plan.Rules = CheckPlan(p.m, plan, p.obs)
+	var broken []RuleResult
+	for _, r := range plan.Rules {
+		if !r.OK {
+			broken = append(broken, r)
+		}
+	}
+	if len(broken) > 0 {
+		return plan, &RefusedError{Kind: plan.Kind, Target: plan.Target, Broken: broken}
+	}
+	return plan, nil
+}
