@@ -49,8 +49,11 @@ func (p *Plan) Text() string {
 	b.WriteString("safety rules:\n")
 	for _, r := range p.Rules {
 		mark := "ok     "
-		if !r.OK {
+		switch {
+		case !r.OK:
 			mark = "BROKEN "
+		case r.Warning:
+			mark = "WARN   "
 		}
 		fmt.Fprintf(&b, "  %s%-22s %s\n", mark, r.Rule, r.Detail)
 	}

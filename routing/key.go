@@ -33,12 +33,6 @@ type KeySource struct {
 
 func (k KeySource) String() string { return string(k.Kind) + " " + k.Name }
 
-// Headers gives the values of a request header. http.Header satisfies it.
-// Names passed to Values are in canonical MIME form.
-type Headers interface {
-	Values(name string) []string
-}
-
 // Request holds the facts about a request that routing decides on.
 type Request struct {
 	Method string
@@ -46,7 +40,9 @@ type Request struct {
 	Path string
 	// RawQuery is the URL query without '?', still encoded.
 	RawQuery string
-	Header   Headers
+	// Header maps canonical MIME header names to values, as http.Header
+	// does (an http.Header is assignable to it as it is).
+	Header map[string][]string
 	// LocalUnit is the unit of the sidecar deciding; czone routes go to a
 	// czone unit of its region, or to it.
 	LocalUnit string
@@ -163,13 +159,13 @@ func (k *keySource) extract(r *Request) (string, error) {
 		if r.Header == nil {
 			return "", nil
 		}
-		return single(r.Header.Values(k.name))
+		return single(r.Header[k.name])
 	case KeyCookie:
 		if r.Header == nil {
 			return "", nil
 		}
 		var v string
-		for _, line := range r.Header.Values("Cookie") {
+		for _, line := range r.Header["Cookie"] {
 			c := cookieValue(line, k.name)
 			if c == "" {
 				continue

@@ -73,7 +73,7 @@ type Plan struct {
 	Rules []RuleResult `json:"rules"`
 }
 
-// Refused reports whether a safety rule refuses the plan.
+// Refused reports whether a safety rule refuses the plan. Warnings do not.
 func (p *Plan) Refused() bool {
 	for _, r := range p.Rules {
 		if !r.OK {
@@ -139,8 +139,10 @@ type planner struct {
 	gLoad     float64
 	count     []int // primaries per unit, updated
 
-	cursor map[Kind]int // round-robin over units for new standbys
-	moved  map[int]int  // shard -> index in plan.Moves
+	cursor    map[Kind]int            // round-robin over units for new standbys
+	live      map[Kind]map[string]int // usable units per kind and region
+	liveTotal map[Kind]int
+	moved     map[int]int // shard -> index in plan.Moves
 }
 
 func newPlanner(m *ShardMap, kind PlanKind, target string, obs Observed, extra *Unit) *planner {
@@ -281,39 +283,97 @@ func (p *planner) pickStandby(shard int) int32 {
 }
 
 // fixStandbys returns the standby list for a shard whose primary becomes
-// newPrimary: the old standbys without newPrimary and unusable units, then
-// keep (the old primary, when it still holds a usable copy) at the end, then
-// one more unit when no standby is in another region and one could be.
+// newPrimary: the old standbys and then keep (the old primary, which still
+// holds a copy), without newPrimary and removed units, live units first and
+// lost ones after them (a lost unit that returns catches up as a standby);
+// plus one live unit when no live standby is in another region and one
+// could be, or when no live standby is left at all.
 func (p *planner) fixStandbys(shard int, newPrimary int32, keep int32) []int32 {
 	_, old := p.get(shard)
-	out := make([]int32, 0, len(old)+2)
+	live := make([]int32, 0, len(old)+2)
+	var lost []int32
+	consider := func(s int32) {
+		if s < 0 || s == newPrimary || p.removed[s] || slices.Contains(live, s) || slices.Contains(lost, s) {
+			return
+		}
+		if p.lost[s] {
+			lost = append(lost, s)
+		} else {
+			live = append(live, s)
+		}
+	}
 	for _, s := range old {
-		if s != newPrimary && p.usable(s) {
-			out = append(out, s)
+		consider(s)
+	}
+	consider(keep)
+	if !p.hasLiveCross(newPrimary, live) {
+		if u := p.nextStandby(p.kindOf(shard), newPrimary, append(live, lost...), true); u >= 0 {
+			live = append(live, u)
 		}
 	}
-	if keep >= 0 && keep != newPrimary && p.usable(keep) && !slices.Contains(out, keep) {
-		out = append(out, keep)
-	}
-	region := p.units[newPrimary].Region
-	for _, s := range out {
-		if p.units[s].Region != region {
-			return out
+	if len(live) == 0 {
+		if u := p.nextStandby(p.kindOf(shard), newPrimary, lost, false); u >= 0 {
+			live = append(live, u)
 		}
 	}
-	kind := KindRZone
+	return append(live, lost...)
+}
+
+func (p *planner) kindOf(shard int) Kind {
 	if shard == GlobalShard {
-		kind = KindGZone
+		return KindGZone
 	}
-	if u := p.nextStandby(kind, newPrimary, out, true); u >= 0 {
-		return append(out, u)
-	}
-	if len(out) == 0 {
-		if u := p.nextStandby(kind, newPrimary, out, false); u >= 0 {
-			return append(out, u)
+	return KindRZone
+}
+
+func (p *planner) hasLiveCross(primary int32, sbs []int32) bool {
+	region := p.units[primary].Region
+	for _, s := range sbs {
+		if p.usable(s) && p.units[s].Region != region {
+			return true
 		}
 	}
-	return out
+	return false
+}
+
+// standbysOK reports whether a shard that keeps its primary can keep its
+// standbys: none is removed, a live one is in another region (or no live
+// unit is), and one is live (or no other live unit exists).
+func (p *planner) standbysOK(shard int, primary int32, sbs []int32) bool {
+	anyLive := false
+	for _, s := range sbs {
+		if p.removed[s] {
+			return false
+		}
+		anyLive = anyLive || p.usable(s)
+	}
+	kind := p.kindOf(shard)
+	live := p.liveRegions()[kind]
+	region := p.units[primary].Region
+	crossPossible := len(live) > 1 || len(live) == 1 && live[region] == 0
+	if crossPossible && !p.hasLiveCross(primary, sbs) {
+		return false
+	}
+	othersLive := p.liveTotal[kind]
+	if p.usable(primary) {
+		othersLive--
+	}
+	return anyLive || othersLive <= 0
+}
+
+// liveRegions counts usable units per kind and region; computed once.
+func (p *planner) liveRegions() map[Kind]map[string]int {
+	if p.live == nil {
+		p.live = map[Kind]map[string]int{KindRZone: {}, KindGZone: {}, KindCZone: {}}
+		p.liveTotal = map[Kind]int{}
+		for i, u := range p.units {
+			if p.usable(int32(i)) {
+				p.live[u.Kind][u.Region]++
+				p.liveTotal[u.Kind]++
+			}
+		}
+	}
+	return p.live
 }
 
 // nextStandby picks, round robin, a usable unit of the kind that is not the
@@ -345,8 +405,8 @@ func (p *planner) nextStandby(kind Kind, primary int32, have []int32, crossRegio
 
 // moveAway moves every shard led by a unit that may no longer lead to one
 // of its standbys, and fixes the standbys of every shard that lists a unit
-// that can no longer hold data. keepOld says whether the old primary stays
-// as a standby (it does when it is alive).
+// that can no longer serve as one. The old primary stays as a standby
+// unless it is removed.
 func (p *planner) moveAway() {
 	n := p.m.n
 	for shard := GlobalShard; shard < n; shard++ {
@@ -362,11 +422,8 @@ func (p *planner) moveAway() {
 			p.set(shard, to, p.fixStandbys(shard, to, pri), false)
 			continue
 		}
-		for _, s := range sbs {
-			if !p.usable(s) {
-				p.set(shard, pri, p.fixStandbys(shard, pri, -1), false)
-				break
-			}
+		if !p.standbysOK(shard, pri, sbs) {
+			p.set(shard, pri, p.fixStandbys(shard, pri, -1), false)
 		}
 	}
 }
@@ -516,9 +573,20 @@ func AddUnit(m *ShardMap, u Unit, obs Observed) (*Plan, error) {
 	if len(ps) > 0 {
 		return nil, planErr(&ValidationError{Problems: ps}, "cannot add unit: %v", (&ValidationError{Problems: ps}).Error())
 	}
+	if u.Kind != KindRZone && !m.hasGlb {
+		return nil, planErr(nil, "cannot add %s unit %q: the topology has no global assignment; declare the first gzone unit and its global assignment in the topology file", u.Kind, u.Name)
+	}
 	p := newPlanner(m, PlanAddUnit, u.Name, obs, &u)
-	if u.Kind == KindRZone {
-		p.rebalanceTo(int32(len(p.units) - 1))
+	nu := int32(len(p.units) - 1)
+	switch u.Kind {
+	case KindRZone:
+		p.rebalanceTo(nu)
+	case KindGZone:
+		// A gzone writer without a standby in another region gets the new
+		// unit as one (it copies the global data first).
+		if !p.hasLiveCross(p.gPrimary, p.gStandby) && p.units[p.gPrimary].Region != u.Region {
+			p.set(GlobalShard, p.gPrimary, append(slices.Clone(p.gStandby), nu), false)
+		}
 	}
 	return p.finish()
 }

@@ -119,14 +119,22 @@ func (r *ShardRule) shardOf(key string, n int) (int, error) {
 		}
 		return v, nil
 	default:
+		// Read 14 digits at a time and reduce once per chunk: v < n <= 2^16
+		// and 10^14 < 2^47, so v*10^14 + chunk stays below 2^64.
 		m := uint64(n)
 		var v uint64
-		for i := 0; i < len(key); i++ {
-			c := key[i]
-			if c < '0' || c > '9' {
-				return 0, ErrNonNumericKey
+		for i := 0; i < len(key); {
+			end := min(i+14, len(key))
+			var chunk, scale uint64 = 0, 1
+			for ; i < end; i++ {
+				c := key[i]
+				if c < '0' || c > '9' {
+					return 0, ErrNonNumericKey
+				}
+				chunk = chunk*10 + uint64(c-'0')
+				scale *= 10
 			}
-			v = (v*10 + uint64(c-'0')) % m
+			v = (v*scale + chunk) % m
 		}
 		return int(v), nil
 	}
@@ -141,10 +149,16 @@ func numeric(s string) bool {
 	return true
 }
 
-// ShardOf maps a user key to its shard under rule r with n shards.
+// ShardOf maps a user key to its shard under rule r with n shards. A rule
+// that Validate would refuse is an error.
 func (r ShardRule) ShardOf(key string, n int) (int, error) {
 	if n < 1 || n > MaxShards {
 		return 0, fmt.Errorf("shard count %d is out of range 1..%d", n, MaxShards)
+	}
+	var ps problems
+	r.validate(n, &ps)
+	if len(ps) > 0 {
+		return 0, fmt.Errorf("invalid shard rule: %s", ps[0].Message)
 	}
 	return r.shardOf(key, n)
 }

@@ -21,9 +21,13 @@ const (
 
 // RuleResult is one safety rule evaluated on a plan.
 type RuleResult struct {
-	Rule   string `json:"rule"`
-	OK     bool   `json:"ok"`
-	Detail string `json:"detail"`
+	Rule string `json:"rule"`
+	OK   bool   `json:"ok"`
+	// Warning marks a rule that holds only in part but does not refuse the
+	// plan: a failover leaves shards whose every copy is lost where they are,
+	// and moves the rest.
+	Warning bool   `json:"warning,omitempty"`
+	Detail  string `json:"detail"`
 }
 
 // after is the assignment a plan leads to, indexed like a ShardMap.
@@ -213,9 +217,27 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 			stranded = append(stranded, fmt.Sprintf("%s stays on %s (%s)", ShardName(s), a.units[u].Name, why))
 		}
 	}
-	if len(stranded) > 0 {
+	for i := 0; i <= n; i++ {
+		if i == n && !a.hasGlb {
+			break
+		}
+		for _, sb := range a.standbys[i] {
+			if a.removed[sb] {
+				s := i
+				if i == n {
+					s = GlobalShard
+				}
+				stranded = append(stranded, fmt.Sprintf("%s still lists removed unit %s as a standby", ShardName(s), a.units[sb].Name))
+			}
+		}
+	}
+	switch {
+	case len(stranded) > 0 && p.Kind == PlanFail && !slices.ContainsFunc(stranded, func(s string) bool { return !strings.Contains(s, "every unit holding its data is lost") }):
+		results = append(results, RuleResult{Rule: RuleComplete, OK: true, Warning: true, Detail: fmt.Sprintf(
+			"%d shard(s) stay down: every unit holding their data is lost; they wait for a unit to return or an operator's --accept-data-loss: %s", len(stranded), list(stranded))})
+	case len(stranded) > 0:
 		add(RuleComplete, false, "%s", list(stranded))
-	} else {
+	default:
 		add(RuleComplete, true, "no shard is left on a lost, evacuated or removed unit")
 	}
 
@@ -255,14 +277,21 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 	}
 
 	owning := make([]bool, len(a.units))
-	serving := 0
+	serving, servingBefore := 0, 0
 	for i := 0; i < n; i++ {
-		if u := a.primary[i]; !owning[u] {
+		if u := a.primary[i]; !owning[u] && !a.lost[u] {
 			owning[u] = true
 			serving++
 		}
 	}
-	if serving < safety.MinServingUnits {
+	clear(owning)
+	for i := range m.slots {
+		if u := m.slots[i].primary; !owning[u] && !a.lost[u] {
+			owning[u] = true
+			servingBefore++
+		}
+	}
+	if serving < safety.MinServingUnits && serving < servingBefore {
 		add(RuleMinServing, false, "%d rzone units would own shards, the minimum is %d", serving, safety.MinServingUnits)
 	} else {
 		add(RuleMinServing, true, "%d rzone units own shards (minimum %d)", serving, safety.MinServingUnits)
@@ -292,6 +321,9 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 		for i := 0; i <= n; i++ {
 			if i == n && !a.hasGlb {
 				break
+			}
+			if pi := a.primary[i]; a.lost[pi] || a.evac[pi] || a.removed[pi] {
+				continue // the complete rule reports it
 			}
 			pu := &a.units[a.primary[i]]
 			rs := regions[pu.Kind]

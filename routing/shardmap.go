@@ -238,9 +238,10 @@ func (m *ShardMap) keyName(i int) string {
 
 // Zone returns the zone of r and whether it is a write, from the zone rules.
 func (m *ShardMap) Zone(r *Request) (Zone, bool) {
+	upper := isUpper(r.Method)
 	for i := range m.zones {
 		z := &m.zones[i]
-		if z.match(r) {
+		if z.match(r, upper) {
 			if z.write >= 0 {
 				return z.zone, z.write == 1
 			}

@@ -161,8 +161,8 @@ func (t *Topology) Clone() *Topology {
 // Problem is one thing wrong with a topology. Subject names the region, unit,
 // shard or field it is about, as in `unit "us-east-1"` or `shard 7`.
 type Problem struct {
-	Subject string
-	Message string
+	Subject string `json:"subject"`
+	Message string `json:"message"`
 }
 
 func (p Problem) String() string { return p.Subject + ": " + p.Message }
@@ -334,7 +334,7 @@ func (t *Topology) Validate() error {
 		default:
 			seen[a.Shard] = true
 		}
-		validateAssignment(a, want, units, kindRegions[want], &ps)
+		validateAssignment(a, want, units, kindRegions[want], t.Safety.AllowNoCrossRegionStandby, &ps)
 	}
 	for s, ok := range seen {
 		if !ok {
@@ -360,7 +360,7 @@ func countGlobal(as []Assignment) int {
 	return c
 }
 
-func validateAssignment(a *Assignment, want Kind, units map[string]*Unit, kindRegions map[string]bool, ps *problems) {
+func validateAssignment(a *Assignment, want Kind, units map[string]*Unit, kindRegions map[string]bool, sameRegionOK bool, ps *problems) {
 	subj := ShardName(a.Shard)
 	if a.Epoch == 0 {
 		ps.add(subj, "epoch must be 1 or more")
@@ -401,7 +401,7 @@ func validateAssignment(a *Assignment, want Kind, units map[string]*Unit, kindRe
 			cross = true
 		}
 	}
-	if p != nil && !cross {
+	if p != nil && !cross && !sameRegionOK {
 		for _, r := range sortedKeys(kindRegions) {
 			if r != p.Region {
 				ps.add(subj, "no standby in another region than %q, though region %q has %s units", p.Region, r, want)

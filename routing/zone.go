@@ -75,6 +75,14 @@ func compileZoneRule(r ZoneRule) (zoneRule, error) {
 			return zr, err
 		}
 		zr.pattern = segs
+		// The literal segments before the first '*' must start the path:
+		// check them as a prefix first, which rejects most paths cheaply.
+		for _, seg := range segs {
+			if seg == "*" {
+				break
+			}
+			zr.prefix += "/" + seg
+		}
 	}
 	for _, m := range r.Methods {
 		if !validToken(m) {
@@ -91,11 +99,16 @@ func compileZoneRule(r ZoneRule) (zoneRule, error) {
 	return zr, nil
 }
 
-func (r *zoneRule) match(req *Request) bool {
+// match reports whether the rule matches req. upper says whether
+// req.Method is already upper case, as nearly every method is.
+func (r *zoneRule) match(req *Request, upper bool) bool {
+	if r.prefix != "" && !strings.HasPrefix(req.Path, r.prefix) {
+		return false
+	}
 	if len(r.methods) > 0 {
 		ok := false
 		for _, m := range r.methods {
-			if m == req.Method || strings.EqualFold(m, req.Method) {
+			if m == req.Method || !upper && strings.EqualFold(m, req.Method) {
 				ok = true
 				break
 			}
@@ -104,11 +117,17 @@ func (r *zoneRule) match(req *Request) bool {
 			return false
 		}
 	}
-	if r.prefix != "" && !strings.HasPrefix(req.Path, r.prefix) {
-		return false
-	}
 	if r.pattern != nil {
 		if _, ok := matchPattern(r.pattern, req.Path, -1); !ok {
+			return false
+		}
+	}
+	return true
+}
+
+func isUpper(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 'a' && s[i] <= 'z' {
 			return false
 		}
 	}
@@ -119,10 +138,10 @@ func (r *zoneRule) match(req *Request) bool {
 // GET, HEAD, OPTIONS and TRACE.
 func IsWriteMethod(m string) bool {
 	switch m {
-	case "GET", "HEAD", "OPTIONS", "TRACE":
+	case "GET", "HEAD", "OPTIONS", "TRACE", "":
 		return false
-	case "":
-		return false
+	case "POST", "PUT", "PATCH", "DELETE":
+		return true
 	}
 	return !(strings.EqualFold(m, "GET") || strings.EqualFold(m, "HEAD") || strings.EqualFold(m, "OPTIONS") || strings.EqualFold(m, "TRACE"))
 }

@@ -59,8 +59,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		usage(stderr)
 		return exitUsage
 	}
-	switch args[0] {
-	case "-h", "-help", "--help", "help":
+	if isHelp(args[0]) {
 		usage(stdout)
 		return exitOK
 	}
@@ -95,11 +94,15 @@ func hasFlags(fs *flag.FlagSet) bool {
 	return n > 0
 }
 
-// parse parses args; it returns done=true with the exit code when the command
-// must stop (help or a flag error).
+// parse parses args, flags and positional arguments in any order; it
+// returns done=true with the exit code when the command must stop (help or
+// a flag error).
 func parse(fs *flag.FlagSet, args []string, stdout io.Writer) (code int, done bool) {
 	out := fs.Output()
 	for _, a := range args {
+		if a == "--" {
+			break
+		}
 		if a == "-h" || a == "--help" || a == "-help" {
 			fs.SetOutput(stdout)
 			fs.Usage()
@@ -107,14 +110,30 @@ func parse(fs *flag.FlagSet, args []string, stdout io.Writer) (code int, done bo
 			return exitOK, true
 		}
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return exitOK, true
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return exitOK, true
+			}
+			return exitUsage, true
 		}
-		return exitUsage, true
+		rest := fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		if len(rest) < len(args) && args[len(args)-len(rest)-1] == "--" {
+			positional = append(positional, rest...) // everything after -- is positional
+			break
+		}
+		positional = append(positional, rest[0])
+		args = rest[1:]
 	}
+	_ = fs.Parse(append([]string{"--"}, positional...))
 	return 0, false
 }
+
+func isHelp(a string) bool { return a == "-h" || a == "-help" || a == "--help" || a == "help" }
 
 // failf prints an error for the named command and returns exitError.
 func failf(stderr io.Writer, cmd, format string, args ...any) int {
@@ -128,15 +147,40 @@ func usagef(stderr io.Writer, cmd, format string, args ...any) int {
 	return exitUsage
 }
 
-// multiFlag collects a repeatable flag; commas also separate values.
-type multiFlag []string
+// listFlag collects a repeatable flag; commas also separate values.
+type listFlag []string
 
-func (m *multiFlag) String() string { return strings.Join(*m, ",") }
-func (m *multiFlag) Set(v string) error {
+func (m *listFlag) String() string { return strings.Join(*m, ",") }
+func (m *listFlag) Set(v string) error {
 	for _, p := range strings.Split(v, ",") {
 		if p = strings.TrimSpace(p); p != "" {
 			*m = append(*m, p)
 		}
 	}
+	return nil
+}
+
+// repeatFlag collects a repeatable flag whose values may hold commas.
+type repeatFlag []string
+
+func (m *repeatFlag) String() string { return strings.Join(*m, " | ") }
+func (m *repeatFlag) Set(v string) error {
+	*m = append(*m, v)
+	return nil
+}
+
+// onceFlag is a string flag that refuses to be given twice, where a second
+// value silently winning would be dangerous (the unit to fail over).
+type onceFlag struct {
+	v   string
+	set bool
+}
+
+func (o *onceFlag) String() string { return o.v }
+func (o *onceFlag) Set(v string) error {
+	if o.set {
+		return fmt.Errorf("given twice (%q and %q); give it once", o.v, v)
+	}
+	o.v, o.set = v, true
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -31,7 +32,7 @@ input, 2 on a usage mistake.
 `
 
 func runPlan(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 || isHelp(args[0]) {
 		if len(args) == 0 {
 			fmt.Fprint(stderr, planUsage)
 			return exitUsage
@@ -54,19 +55,24 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	topo := fs.String("topology", "", "topology YAML file (required)")
 	asJSON := fs.Bool("json", false, "print the plan as JSON")
 	writeTo := fs.String("write-topology", "", "when the plan passes, write the topology it leads to (YAML) to this file")
-	var loads multiFlag
+	var loads listFlag
 	fs.Var(&loads, "load", "measured load of a unit as UNIT=RPS (repeatable or comma-separated); units without one count as 0 rps")
-	var region, unit, name, unitKind *string
+	var region, unit, name onceFlag
+	var units listFlag
+	var unitKind *string
 	var capacity *float64
 	switch kind {
-	case "evacuate", "fail":
-		region = fs.String("region", "", "region to "+kind)
-		unit = fs.String("unit", "", "unit to "+kind)
+	case "evacuate":
+		fs.Var(&region, "region", "region to evacuate")
+		fs.Var(&unit, "unit", "unit to evacuate")
+	case "fail":
+		fs.Var(&region, "region", "lost region to fail over")
+		fs.Var(&units, "unit", "lost unit to fail over (repeatable or comma-separated)")
 	case "remove-unit":
-		unit = fs.String("unit", "", "unit to remove (required)")
+		fs.Var(&unit, "unit", "unit to remove (required)")
 	case "add-unit":
-		name = fs.String("name", "", "name of the new unit (required)")
-		region = fs.String("region", "", "region of the new unit (required)")
+		fs.Var(&name, "name", "name of the new unit (required)")
+		fs.Var(&region, "region", "region of the new unit (required)")
 		capacity = fs.Float64("capacity", 0, "declared capacity of the new unit in requests/s (required)")
 		unitKind = fs.String("kind", "rzone", "kind of the new unit: rzone, gzone or czone")
 	}
@@ -81,46 +87,54 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	}
 	obs, err := parseLoads(loads)
 	if err != nil {
-		return usagef(stderr, cmd, "%v", err)
+		return failf(stderr, cmd, "%v", err)
 	}
 	m, code := loadMap(*topo, cmd, stderr)
 	if m == nil {
 		return code
 	}
-	for u := range obs.LoadRPS {
-		if _, ok := m.Unit(u); !ok {
-			return failf(stderr, cmd, "--load: unit %q is not in the topology", u)
+	var unknown []string
+	for _, l := range loads {
+		if u, _, _ := strings.Cut(l, "="); !slices.Contains(unknown, u) {
+			if _, ok := m.Unit(strings.TrimSpace(u)); !ok {
+				unknown = append(unknown, strings.TrimSpace(u))
+			}
 		}
+	}
+	if len(unknown) > 0 {
+		return failf(stderr, cmd, "--load: units %s are not in the topology", strings.Join(unknown, ", "))
 	}
 
 	var plan *routing.Plan
 	switch kind {
-	case "evacuate", "fail":
-		if (*region == "") == (*unit == "") {
+	case "evacuate":
+		if (region.v == "") == (unit.v == "") {
 			return usagef(stderr, cmd, "give exactly one of --region or --unit")
 		}
-		switch {
-		case kind == "evacuate" && *region != "":
-			plan, err = routing.EvacuateRegion(m, *region, obs)
-		case kind == "evacuate":
-			plan, err = routing.EvacuateUnit(m, *unit, obs)
-		case *region != "":
-			plan, err = routing.FailRegion(m, *region, obs)
-		default:
-			var units multiFlag
-			_ = units.Set(*unit)
+		if region.v != "" {
+			plan, err = routing.EvacuateRegion(m, region.v, obs)
+		} else {
+			plan, err = routing.EvacuateUnit(m, unit.v, obs)
+		}
+	case "fail":
+		if (region.v == "") == (len(units) == 0) {
+			return usagef(stderr, cmd, "give exactly one of --region or --unit")
+		}
+		if region.v != "" {
+			plan, err = routing.FailRegion(m, region.v, obs)
+		} else {
 			plan, err = routing.FailUnits(m, units, obs)
 		}
 	case "remove-unit":
-		if *unit == "" {
+		if unit.v == "" {
 			return usagef(stderr, cmd, "--unit is required")
 		}
-		plan, err = routing.RemoveUnit(m, *unit, obs)
+		plan, err = routing.RemoveUnit(m, unit.v, obs)
 	case "add-unit":
-		if *name == "" || *region == "" || *capacity == 0 {
+		if name.v == "" || region.v == "" || *capacity == 0 {
 			return usagef(stderr, cmd, "--name, --region and --capacity are required")
 		}
-		plan, err = routing.AddUnit(m, routing.Unit{Name: *name, Region: *region, Kind: routing.Kind(*unitKind), CapacityRPS: *capacity}, obs)
+		plan, err = routing.AddUnit(m, routing.Unit{Name: name.v, Region: region.v, Kind: routing.Kind(*unitKind), CapacityRPS: *capacity}, obs)
 	}
 	var refused *routing.RefusedError
 	if err != nil && !errors.As(err, &refused) {

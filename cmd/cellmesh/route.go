@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -40,7 +41,7 @@ themselves. Exit 0 with the decision, 1 when the request cannot be routed
 	method := fs.String("method", "GET", "HTTP method of the request")
 	path := fs.String("path", "/", "request path, optionally with ?query")
 	from := fs.String("from", "", "unit of the sidecar deciding; needed for czone routes")
-	var headers multiFlag
+	var headers repeatFlag
 	fs.Var(&headers, "header", "extra request header 'Name: value' (repeatable), e.g. 'Cookie: uid=42'")
 	if code, done := parse(fs, args, stdout); done {
 		return code
@@ -60,7 +61,12 @@ themselves. Exit 0 with the decision, 1 when the request cannot be routed
 		return failf(stderr, "route", "%v", err)
 	}
 	d, err := m.Decide(req)
-	if err != nil {
+	switch {
+	case errors.Is(err, routing.ErrNoLocalUnit):
+		return failf(stderr, "route", "%v: pass --from UNIT, the unit of the sidecar deciding", err)
+	case errors.Is(err, routing.ErrNoKey):
+		return failf(stderr, "route", "%v; this topology reads the key from %s (--uid goes in the %s header)", err, keySources(m), uidHeader(m, *keyHeader))
+	case err != nil:
 		return failf(stderr, "route", "%v", err)
 	}
 	out := routeOutput{Zone: d.Zone, Unit: d.Unit, Region: d.Region, Epoch: d.Epoch, State: d.State, Write: d.Write, Key: d.Key}
@@ -98,18 +104,35 @@ func buildRequest(m *routing.ShardMap, uid, keyHeader, method, path, from string
 		h.Add(name, strings.TrimSpace(value))
 	}
 	if uid != "" {
-		if keyHeader == "" {
-			keyHeader = routing.DefaultKeyHeader
-			for _, k := range m.Topology().Keys {
-				if k.Kind == routing.KeyHeader {
-					keyHeader = k.Name
-					break
-				}
-			}
-		}
-		h.Add(textproto.CanonicalMIMEHeaderKey(keyHeader), uid)
+		h.Add(textproto.CanonicalMIMEHeaderKey(uidHeader(m, keyHeader)), uid)
 	}
 	return &routing.Request{Method: strings.ToUpper(method), Path: u.Path, RawQuery: u.RawQuery, Header: h, LocalUnit: from}, nil
+}
+
+// uidHeader is the header --uid is sent in: --key-header, else the
+// topology's first header key source, else x-cellmesh-uid.
+func uidHeader(m *routing.ShardMap, keyHeader string) string {
+	if keyHeader != "" {
+		return keyHeader
+	}
+	for _, k := range m.Topology().Keys {
+		if k.Kind == routing.KeyHeader {
+			return k.Name
+		}
+	}
+	return routing.DefaultKeyHeader
+}
+
+func keySources(m *routing.ShardMap) string {
+	keys := m.Topology().Keys
+	if len(keys) == 0 {
+		return "header " + routing.DefaultKeyHeader
+	}
+	var out []string
+	for _, k := range keys {
+		out = append(out, k.String())
+	}
+	return strings.Join(out, ", ")
 }
 
 // loadMap loads and compiles a topology; on failure it prints every problem

@@ -11,7 +11,7 @@ import (
 )
 
 func runTopology(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 || isHelp(args[0]) {
 		w := stderr
 		code := exitUsage
 		if len(args) > 0 {

@@ -160,8 +160,22 @@ func parseShard(s string) (int, error) {
 	return v, nil
 }
 
-// UnmarshalYAML keeps the line of a key source for errors.
+// UnmarshalYAML keeps the line of a key source for errors. n.Decode does not
+// inherit the file decoder's KnownFields, so unknown keys are refused here.
 func (k *KeyFile) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.MappingNode {
+		var unknown []string
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			switch key := n.Content[i]; key.Value {
+			case "header", "cookie", "query", "path":
+			default:
+				unknown = append(unknown, fmt.Sprintf("line %d: field %s not found in type topofile.KeyFile", key.Line, key.Value))
+			}
+		}
+		if len(unknown) > 0 {
+			return &yaml.TypeError{Errors: unknown}
+		}
+	}
 	type plain KeyFile
 	var p plain
 	if err := n.Decode(&p); err != nil {
@@ -254,6 +268,13 @@ func (f *File) Topology() (*routing.Topology, error) {
 	}
 	for _, u := range f.Units {
 		t.Units = append(t.Units, routing.Unit{Name: u.Name, Region: u.Region, Kind: routing.Kind(u.Kind), CapacityRPS: u.CapacityRPS})
+	}
+	total := 0
+	for _, a := range f.Assignments {
+		total += len(a.Shards)
+	}
+	if total > maxExpanded {
+		return nil, fmt.Errorf("assignments: the file lists more than %d shards", maxExpanded)
 	}
 	for i, a := range f.Assignments {
 		if len(a.Shards) == 0 {
