@@ -62,8 +62,12 @@ func FuzzDecide(f *testing.F) {
 		if u.Region != d.Region {
 			t.Fatalf("decision region %q, but unit %s is in %q", d.Region, d.Unit, u.Region)
 		}
-		switch d.Zone {
-		case routing.KindRZone:
+		switch {
+		case d.LocalFallback:
+			if d.Unit != r.LocalUnit || d.Shard != routing.GlobalShard || d.Key != "" {
+				t.Fatalf("fallback decision %+v, want the local unit %q and no shard", d, r.LocalUnit)
+			}
+		case d.Zone == routing.KindRZone:
 			if d.Shard < 0 || d.Shard >= m.Shards() {
 				t.Fatalf("shard %d out of range 0..%d", d.Shard, m.Shards()-1)
 			}
@@ -81,7 +85,7 @@ func FuzzDecide(f *testing.F) {
 			if s, err := m.ShardOf(d.Key); err != nil || s != d.Shard {
 				t.Fatalf("ShardOf(%q) = %d, %v; decision says %d", d.Key, s, err, d.Shard)
 			}
-		case routing.KindGZone:
+		case d.Zone == routing.KindGZone:
 			o, err := m.Lookup(routing.GlobalShard)
 			if err != nil {
 				t.Fatalf("Lookup(global): %v", err)
@@ -89,7 +93,7 @@ func FuzzDecide(f *testing.F) {
 			if d.Shard != routing.GlobalShard || d.Unit != o.Unit || d.Epoch != o.Epoch || d.Key != "" {
 				t.Fatalf("gzone decision %+v, global owner %+v", d, o)
 			}
-		case routing.KindCZone:
+		case d.Zone == routing.KindCZone:
 			lu, ok := m.Unit(r.LocalUnit)
 			if !ok {
 				t.Fatalf("czone decision %+v for unknown local unit %q", d, r.LocalUnit)

@@ -241,6 +241,9 @@ func queryValue(q, name string) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("query parameter %q: %w", name, err)
 		}
+		if val == "" {
+			continue // an empty value is no key, as for cookies
+		}
 		if found && val != v {
 			return "", ErrAmbiguousKey
 		}
@@ -262,7 +265,7 @@ func unescape(s string) (string, error) {
 			b = append(b, ' ')
 		case '%':
 			if i+2 >= len(s) || unhex(s[i+1]) < 0 || unhex(s[i+2]) < 0 {
-				return "", fmt.Errorf("bad percent-encoding in %q", s)
+				return "", fmt.Errorf("%w in %q", ErrBadKeyEncoding, s)
 			}
 			b = append(b, byte(unhex(s[i+1])<<4|unhex(s[i+2])))
 			i += 2

@@ -45,6 +45,8 @@ var (
 	ErrKeyTooLong = errors.New("user key too long")
 	// ErrAmbiguousKey: the key source appears more than once with different values.
 	ErrAmbiguousKey = errors.New("user key given more than once with different values")
+	// ErrBadKeyEncoding: a query key has a malformed percent-escape.
+	ErrBadKeyEncoding = errors.New("bad percent-encoding")
 )
 
 func (r ShardRule) kind() RuleKind {

@@ -184,6 +184,10 @@ type Decision struct {
 	Write bool
 	// Key is the user key the decision used, "" when none was needed.
 	Key string
+	// LocalFallback: the route needs a user key, the request has none, and
+	// it goes to the deciding sidecar's own unit (Request.LocalUnit), as
+	// DESIGN.md orders. Shard is GlobalShard and Epoch zero: nothing to fence.
+	LocalFallback bool
 }
 
 // KeyError says why a request's key could not be mapped to a shard. It wraps
@@ -251,8 +255,12 @@ func (m *ShardMap) Zone(r *Request) (Zone, bool) {
 	return m.defZone, IsWriteMethod(r.Method)
 }
 
-// Decide returns where r goes. Errors are *KeyError (no key, non-numeric
-// key under mod or digits, key too long, ambiguous), *UnknownShardError, or
+// Decide returns where r goes: rzone routes to the primary of the key's
+// shard, gzone to the global writer, czone to a czone unit of the local
+// unit's region (or the local unit). A request with no key where one is
+// needed goes to the local unit (LocalFallback) when r.LocalUnit is set.
+// Errors are *KeyError (no key and no local unit, non-numeric key under mod
+// or digits, key too long, ambiguous, bad encoding), *UnknownShardError, or
 // ErrNoLocalUnit. It does not allocate when the key needs no unescaping.
 func (m *ShardMap) Decide(r *Request) (Decision, error) {
 	zone, write := m.Zone(r)
@@ -283,7 +291,14 @@ func (m *ShardMap) Decide(r *Request) (Decision, error) {
 		return d, &KeyError{Source: src, Err: err}
 	}
 	if key == "" {
-		return d, &KeyError{Err: ErrNoKey}
+		// DESIGN: a request without a user key goes to the local unit.
+		li, ok := m.unitIndex[r.LocalUnit]
+		if !ok {
+			return d, &KeyError{Err: ErrNoKey}
+		}
+		u := &m.units[li]
+		d.Unit, d.Region, d.State, d.LocalFallback = u.Name, u.Region, StateServing, true
+		return d, nil
 	}
 	shard, err := m.rule.shardOf(key, m.n)
 	if err != nil {
@@ -321,6 +336,9 @@ func (l *Live) Load() *ShardMap { return l.p.Load() }
 // version than the current one is refused with *StaleVersionError; the same
 // version replaces the current map.
 func (l *Live) Store(m *ShardMap) error {
+	if m == nil {
+		return errors.New("store a nil shard map")
+	}
 	for {
 		old := l.p.Load()
 		if old != nil && m.version < old.version {

@@ -203,19 +203,30 @@ func TestDecideGZoneWithoutWriter(t *testing.T) {
 	tp := validTopology()
 	removeUnits(tp, "east-g", "west-g", "east-c")
 	removeAssignments(tp, routing.GlobalShard)
+	// A zone rule that routes to a writer the topology lacks is invalid...
+	if err := tp.Validate(); err == nil || !strings.Contains(err.Error(), "routes to gzone but the topology has no global assignment") {
+		t.Fatalf("Validate = %v, want the gzone rule refused", err)
+	}
+	// ...and without it, a czone route without czone units stays on the local unit.
+	removeGZoneRules(tp)
 	m := mustCompile(t, tp)
-	_, err := m.Decide(&routing.Request{Method: "POST", Path: "/v1/config/x", LocalUnit: "east-1"})
-	var ue *routing.UnknownShardError
-	if !errors.As(err, &ue) || ue.Shard != routing.GlobalShard {
-		t.Fatalf("Decide error = %v, want *UnknownShardError for the global shard", err)
-	}
-	if !strings.Contains(err.Error(), "no global assignment") {
-		t.Errorf("Error() = %q", err)
-	}
-	// A czone route without czone units stays on the local unit.
 	d, err := m.Decide(&routing.Request{Method: "GET", Path: "/v1/config/x", LocalUnit: "east-1"})
 	if err != nil || d.Unit != "east-1" || d.Zone != routing.KindCZone {
 		t.Errorf("czone Decide = %+v, %v; want the local unit east-1", d, err)
+	}
+}
+
+// A request without a key on an rzone route goes to the local unit when the
+// deciding sidecar's unit is known (DESIGN: "no key -> the local unit"), and
+// is an ErrNoKey otherwise.
+func TestDecideNoKeyFallsBackToLocalUnit(t *testing.T) {
+	m := mustCompile(t, validTopology())
+	d, err := m.Decide(&routing.Request{Method: "POST", Path: "/v1/orders", LocalUnit: "west-1"})
+	if err != nil || !d.LocalFallback || d.Unit != "west-1" || d.Region != "west" || d.Shard != routing.GlobalShard || d.Epoch != 0 || !d.Write {
+		t.Fatalf("Decide = %+v, %v; want the local unit west-1 as a fallback", d, err)
+	}
+	if _, err := m.Decide(&routing.Request{Method: "POST", Path: "/v1/orders", LocalUnit: "nowhere"}); !errors.Is(err, routing.ErrNoKey) {
+		t.Fatalf("unknown local unit: err = %v, want ErrNoKey", err)
 	}
 }
 
@@ -261,6 +272,7 @@ func TestLookupGlobalWithoutWriter(t *testing.T) {
 	tp := validTopology()
 	removeUnits(tp, "east-g", "west-g", "east-c")
 	removeAssignments(tp, routing.GlobalShard)
+	removeGZoneRules(tp)
 	m := mustCompile(t, tp)
 	_, err := m.Lookup(routing.GlobalShard)
 	var ue *routing.UnknownShardError

@@ -55,12 +55,12 @@ type Region struct {
 
 // Unit is a cell: a full set of services for a subset of users, in one region.
 type Unit struct {
-	Name   string
-	Region string
-	Kind   Kind
+	Name   string `json:"name"`
+	Region string `json:"region"`
+	Kind   Kind   `json:"kind"`
 	// CapacityRPS is the request rate the unit is declared to carry. The
 	// capacity-headroom safety rule compares measured load against it.
-	CapacityRPS float64
+	CapacityRPS float64 `json:"capacity_rps"`
 }
 
 // Assignment gives a shard (or, with Shard == GlobalShard, the global gzone
@@ -279,7 +279,7 @@ func (t *Topology) Validate() error {
 		}
 		if !u.Kind.valid() {
 			ps.add(subj, "kind %q is unknown (want rzone, gzone or czone)", u.Kind)
-		} else {
+		} else if regions[u.Region] {
 			kindRegions[u.Kind][u.Region] = true
 		}
 		if !(u.CapacityRPS > 0) || u.CapacityRPS > 1e12 {
@@ -336,9 +336,27 @@ func (t *Topology) Validate() error {
 		}
 		validateAssignment(a, want, units, kindRegions[want], t.Safety.AllowNoCrossRegionStandby, &ps)
 	}
-	for s, ok := range seen {
-		if !ok {
+	for s := 0; s < len(seen); s++ {
+		if seen[s] {
+			continue
+		}
+		e := s
+		for e+1 < len(seen) && !seen[e+1] {
+			e++
+		}
+		if e == s {
 			ps.add(ShardName(s), "has no primary")
+		} else {
+			ps.add(fmt.Sprintf("shards %d-%d", s, e), "have no primary")
+		}
+		s = e
+	}
+	if t.Zones.defaultZone() == KindGZone && globals == 0 {
+		ps.add("zones", "default zone is gzone but the topology has no global assignment (gzone writer)")
+	}
+	for i, r := range t.Zones.Rules {
+		if r.Zone == KindGZone && globals == 0 {
+			ps.add(fmt.Sprintf("zones.rules[%d]", i), "routes to gzone but the topology has no global assignment (gzone writer)")
 		}
 	}
 	if globals == 0 && len(kindRegions[KindGZone]) > 0 {

@@ -26,6 +26,11 @@ func removeAssignments(t *routing.Topology, shards ...int) {
 	t.Assignments = slices.DeleteFunc(t.Assignments, func(a routing.Assignment) bool { return slices.Contains(shards, a.Shard) })
 }
 
+// removeGZoneRules drops the zone rules that route to the gzone writer.
+func removeGZoneRules(t *routing.Topology) {
+	t.Zones.Rules = slices.DeleteFunc(t.Zones.Rules, func(r routing.ZoneRule) bool { return r.Zone == routing.KindGZone })
+}
+
 // renameUnit renames a unit everywhere it is named.
 func renameUnit(t *routing.Topology, from, to string) {
 	for i := range t.Units {
@@ -172,7 +177,8 @@ func TestValidateProblems(t *testing.T) {
 		{name: "unit/czone-without-gzone", mutate: func(t *routing.Topology) {
 			removeUnits(t, "east-g", "west-g")
 			removeAssignments(t, routing.GlobalShard)
-		}, want: []wantProblem{{`unit "east-c"`, "czone unit without a gzone unit"}}},
+		}, want: []wantProblem{{`unit "east-c"`, "czone unit without a gzone unit"},
+			{"zones.rules[1]", "routes to gzone but the topology has no global assignment"}}},
 
 		// Shard coverage and the global assignment.
 		{name: "shard/out-of-range", mutate: func(t *routing.Topology) {
@@ -187,7 +193,9 @@ func TestValidateProblems(t *testing.T) {
 		{name: "shard/unassigned", mutate: func(t *routing.Topology) { removeAssignments(t, 3) },
 			want: []wantProblem{{"shard 3", "has no primary"}}},
 		{name: "shard/default-count-unassigned", mutate: func(t *routing.Topology) { t.Shards = 0 },
-			want: []wantProblem{{"shard 4", "has no primary"}, {"shard 99", "has no primary"}}, others: true},
+			want: []wantProblem{{"shards 4-99", "have no primary"}}},
+		{name: "shard/unassigned-runs", mutate: func(t *routing.Topology) { t.Shards = 9; removeAssignments(t, 1, 2) },
+			want: []wantProblem{{"shards 1-2", "have no primary"}, {"shards 4-8", "have no primary"}}},
 		{name: "global/twice", mutate: func(t *routing.Topology) {
 			t.Assignments = append(t.Assignments, routing.Assignment{Shard: routing.GlobalShard, Primary: "west-g", Standbys: []string{"east-g"}, Epoch: 1, State: routing.StateServing})
 		}, want: []wantProblem{{"global", "more than one gzone writer: the global assignment is declared 2 times"}}},
@@ -198,7 +206,14 @@ func TestValidateProblems(t *testing.T) {
 		{name: "global/without-gzone-units", mutate: func(t *routing.Topology) { removeUnits(t, "east-g", "west-g", "east-c") },
 			want: []wantProblem{{"global", "a global assignment needs gzone units"}}},
 		{name: "global/missing", mutate: func(t *routing.Topology) { removeAssignments(t, routing.GlobalShard) },
-			want: []wantProblem{{"global", "gzone units are declared but no global assignment names the writer"}}},
+			want: []wantProblem{{"global", "gzone units are declared but no global assignment names the writer"},
+				{"zones.rules[1]", "routes to gzone but the topology has no global assignment"}}},
+		{name: "zones/default-gzone-without-writer", mutate: func(t *routing.Topology) {
+			removeUnits(t, "east-g", "west-g", "east-c")
+			removeAssignments(t, routing.GlobalShard)
+			removeGZoneRules(t)
+			t.Zones.Default = routing.KindGZone
+		}, want: []wantProblem{{"zones", "default zone is gzone but the topology has no global assignment"}}},
 
 		// One assignment.
 		{name: "assignment/epoch-zero", mutate: func(t *routing.Topology) { assignment(t, 2).Epoch = 0 },

@@ -25,6 +25,8 @@ type routeOutput struct {
 	State  routing.State `json:"state"`
 	Write  bool          `json:"write"`
 	Key    string        `json:"key,omitempty"`
+	// LocalFallback: no user key, so the request stays in the --from unit.
+	LocalFallback bool `json:"local_fallback,omitempty"`
 }
 
 func runRoute(args []string, stdout, stderr io.Writer) int {
@@ -69,7 +71,7 @@ themselves. Exit 0 with the decision, 1 when the request cannot be routed
 	case err != nil:
 		return failf(stderr, "route", "%v", err)
 	}
-	out := routeOutput{Zone: d.Zone, Unit: d.Unit, Region: d.Region, Epoch: d.Epoch, State: d.State, Write: d.Write, Key: d.Key}
+	out := routeOutput{Zone: d.Zone, Unit: d.Unit, Region: d.Region, Epoch: d.Epoch, State: d.State, Write: d.Write, Key: d.Key, LocalFallback: d.LocalFallback}
 	if d.Shard != routing.GlobalShard {
 		out.Shard = &d.Shard
 	}

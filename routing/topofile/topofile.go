@@ -208,17 +208,34 @@ func Load(path string) (*routing.Topology, error) {
 	return t, nil
 }
 
+var errEmpty = errors.New("empty topology: want a YAML mapping with version, regions, units and assignments")
+
+func (f *File) isZero() bool {
+	return f.Version == 0 && f.Shards == 0 && f.ShardRule.Kind == "" && len(f.ShardRule.Digits) == 0 && len(f.Key) == 0 &&
+		f.Zones.Default == "" && len(f.Zones.Rules) == 0 && f.Safety == (SafetyFile{}) &&
+		len(f.Regions) == 0 && len(f.Units) == 0 && len(f.Assignments) == 0
+}
+
 // Parse decodes a topology from YAML. Unknown keys, wrong types, a second
 // document and malformed shard sets are errors with their line.
 func Parse(data []byte) (*routing.Topology, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, errors.New("empty topology: want a YAML mapping with version, regions, units and assignments")
+		return nil, errEmpty
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	var f File
 	if err := dec.Decode(&f); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errEmpty
+		}
+		if strings.Contains(err.Error(), "found character that cannot start any token") && bytes.ContainsRune(data, '\t') {
+			return nil, fmt.Errorf("decode YAML: %w (YAML does not allow tabs for indentation; indent with spaces)", err)
+		}
 		return nil, fmt.Errorf("decode YAML: %w", err)
+	}
+	if f.isZero() {
+		return nil, errEmpty
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); err != io.EOF {

@@ -205,7 +205,9 @@ func TestParseErrors(t *testing.T) {
 	}{
 		{"empty", "", []string{"empty topology"}},
 		{"blank", " \n\t\n", []string{"empty topology"}},
-		{"comment-only", "# nothing here\n", []string{"decode YAML"}},
+		{"comment-only", "# nothing here\n", []string{"empty topology"}},
+		{"null-document", "---\n~\n", []string{"empty topology"}},
+		{"tab-indent", "version: 1\nregions:\n\t- name: east\n", []string{"tabs", "indent with spaces"}},
 		{"not-a-mapping", "- 1\n- 2\n", []string{"line 1", "cannot unmarshal"}},
 		{"unknown-key", "version: 1\nshards: 4\nregion:\n  - name: east\n", []string{"line 3", "field region not found"}},
 		{"unknown-nested-key", "version: 1\nunits:\n  - name: a\n    capacity: 5\n", []string{"line 4", "field capacity not found"}},
