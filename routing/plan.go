@@ -438,11 +438,6 @@ func (m *ShardMap) unitsOf(region string) []int32 {
 	return out
 }
 
-func (m *ShardMap) hasUnit(name string) bool {
-	_, ok := m.unitIndex[name]
-	return ok
-}
-
 func (m *ShardMap) hasRegion(r string) bool {
 	for _, x := range m.topo.Regions {
 		if x.Name == r {
@@ -549,32 +544,15 @@ func RemoveUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
 // shards, each taken from the unit most above its own share. The moves copy
 // first: the new unit holds no data yet.
 func AddUnit(m *ShardMap, u Unit, obs Observed) (*Plan, error) {
-	var ps problems
-	switch {
-	case !ValidName(u.Name):
-		ps.add(unitSubject(u.Name), "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
-	case m.hasUnit(u.Name):
-		ps.add(unitSubject(u.Name), "already in the topology")
-	case m.hasRegion(u.Name):
-		ps.add(unitSubject(u.Name), "has the name of a region")
-	}
-	if !m.hasRegion(u.Region) {
-		ps.add(unitSubject(u.Name), "region %q is not in the topology; declare it first", u.Region)
-	}
 	if u.Kind == "" {
 		u.Kind = KindRZone
 	}
-	if !u.Kind.valid() {
-		ps.add(unitSubject(u.Name), "kind %q is unknown (want rzone, gzone or czone)", u.Kind)
-	}
-	if !(u.CapacityRPS > 0) || u.CapacityRPS > 1e12 {
-		ps.add(unitSubject(u.Name), "capacity_rps %v must be a positive request rate", u.CapacityRPS)
-	}
-	if len(ps) > 0 {
-		return nil, planErr(&ValidationError{Problems: ps}, "cannot add unit: %v", (&ValidationError{Problems: ps}).Error())
-	}
-	if u.Kind != KindRZone && !m.hasGlb {
-		return nil, planErr(nil, "cannot add %s unit %q: the topology has no global assignment; declare the first gzone unit and its global assignment in the topology file", u.Kind, u.Name)
+	// The topology with the unit declared must be valid: name, region, kind
+	// and capacity are checked exactly as for a topology file.
+	t := *m.topo
+	t.Units = append(slices.Clip(m.topo.Units), u)
+	if err := t.Validate(); err != nil {
+		return nil, planErr(err, "cannot add unit %q: %v", u.Name, err)
 	}
 	p := newPlanner(m, PlanAddUnit, u.Name, obs, &u)
 	nu := int32(len(p.units) - 1)

@@ -267,11 +267,12 @@ func (t *Topology) Validate() error {
 			ps.add(subj, "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
 		case units[u.Name] != nil:
 			ps.add(subj, "declared twice")
-			continue
 		case regions[u.Name]:
 			ps.add(subj, "has the name of a region; give units their own names")
 		}
-		units[u.Name] = u
+		if units[u.Name] == nil {
+			units[u.Name] = u
+		}
 		if u.Region == "" {
 			ps.add(subj, "has no region")
 		} else if !regions[u.Region] {

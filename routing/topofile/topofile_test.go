@@ -333,8 +333,7 @@ func TestEncodeRoundTripExample(t *testing.T) {
 	enc := roundTrip(t, tp)
 	// Runs of consecutive shards become one range: six rzone runs and the
 	// global writer.
-	var f topofile.File
-	f = *topofile.FromTopology(tp)
+	f := topofile.FromTopology(tp)
 	if len(f.Assignments) != 7 {
 		t.Errorf("FromTopology gives %d assignment entries, want 7:\n%s", len(f.Assignments), enc)
 	}
