@@ -190,15 +190,23 @@ func single(vs []string) (string, error) {
 	case 0:
 		return "", nil
 	case 1:
-		return strings.TrimSpace(vs[0]), nil
+		return trim(vs[0]), nil
 	}
-	v := strings.TrimSpace(vs[0])
+	v := trim(vs[0])
 	for _, o := range vs[1:] {
-		if strings.TrimSpace(o) != v {
+		if trim(o) != v {
 			return "", ErrAmbiguousKey
 		}
 	}
 	return v, nil
+}
+
+// trim removes surrounding white space; header values usually have none.
+func trim(s string) string {
+	if s == "" || s[0] > ' ' && s[len(s)-1] > ' ' {
+		return s
+	}
+	return strings.TrimSpace(s)
 }
 
 // cookieValue finds name in one Cookie header line ("a=1; b=2").

@@ -125,6 +125,16 @@ func (r *ShardRule) shardOf(key string, n int) (int, error) {
 		// and 10^14 < 2^47, so v*10^14 + chunk stays below 2^64.
 		m := uint64(n)
 		var v uint64
+		if len(key) <= 19 { // fits in a uint64: one division
+			for i := 0; i < len(key); i++ {
+				c := key[i] - '0'
+				if c > 9 {
+					return 0, ErrNonNumericKey
+				}
+				v = v*10 + uint64(c)
+			}
+			return int(v % m), nil
+		}
 		for i := 0; i < len(key); {
 			end := min(i+14, len(key))
 			var chunk, scale uint64 = 0, 1

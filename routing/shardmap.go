@@ -220,17 +220,27 @@ var ErrNoLocalUnit = errors.New("czone route needs the local unit")
 // Key returns the user key of r from the first key source that has one, and
 // the source. It returns ("", zero, nil) when no source has a key.
 func (m *ShardMap) Key(r *Request) (string, KeySource, error) {
+	v, i, err := m.key(r)
+	if i < 0 {
+		return v, KeySource{}, err
+	}
+	return v, m.keySource(i), err
+}
+
+// key returns the key and the index of the source that gave it (or failed),
+// -1 when no source has a key.
+func (m *ShardMap) key(r *Request) (string, int, error) {
 	for i := range m.keys {
-		k := &m.keys[i]
-		v, err := k.extract(r)
-		if err != nil {
-			return "", KeySource{Kind: k.kind, Name: m.keyName(i)}, err
-		}
-		if v != "" {
-			return v, KeySource{Kind: k.kind, Name: m.keyName(i)}, nil
+		v, err := m.keys[i].extract(r)
+		if err != nil || v != "" {
+			return v, i, err
 		}
 	}
-	return "", KeySource{}, nil
+	return "", -1, nil
+}
+
+func (m *ShardMap) keySource(i int) KeySource {
+	return KeySource{Kind: m.keys[i].kind, Name: m.keyName(i)}
 }
 
 func (m *ShardMap) keyName(i int) string {
@@ -286,9 +296,9 @@ func (m *ShardMap) Decide(r *Request) (Decision, error) {
 		d.Unit, d.Region, d.State = u.Name, u.Region, StateServing
 		return d, nil
 	}
-	key, src, err := m.Key(r)
+	key, src, err := m.key(r)
 	if err != nil {
-		return d, &KeyError{Source: src, Err: err}
+		return d, &KeyError{Source: m.keySource(src), Err: err}
 	}
 	if key == "" {
 		// DESIGN: a request without a user key goes to the local unit.
@@ -302,7 +312,7 @@ func (m *ShardMap) Decide(r *Request) (Decision, error) {
 	}
 	shard, err := m.rule.shardOf(key, m.n)
 	if err != nil {
-		return d, &KeyError{Source: src, Key: key, Err: err}
+		return d, &KeyError{Source: m.keySource(src), Key: key, Err: err}
 	}
 	s := &m.slots[shard]
 	u := &m.units[s.primary]
