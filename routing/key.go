@@ -166,7 +166,10 @@ func (k *keySource) extract(r *Request) (string, error) {
 		}
 		var v string
 		for _, line := range r.Header["Cookie"] {
-			c := cookieValue(line, k.name)
+			c, err := cookieValue(line, k.name)
+			if err != nil {
+				return "", err
+			}
 			if c == "" {
 				continue
 			}
@@ -185,18 +188,22 @@ func (k *keySource) extract(r *Request) (string, error) {
 	return "", nil
 }
 
+// single returns the one value of a header given on several lines; empty
+// values count as absent, as for cookies and query parameters.
 func single(vs []string) (string, error) {
-	switch len(vs) {
-	case 0:
-		return "", nil
-	case 1:
+	if len(vs) == 1 {
 		return trim(vs[0]), nil
 	}
-	v := trim(vs[0])
-	for _, o := range vs[1:] {
-		if trim(o) != v {
+	var v string
+	for _, o := range vs {
+		o = trim(o)
+		if o == "" {
+			continue
+		}
+		if v != "" && o != v {
 			return "", ErrAmbiguousKey
 		}
+		v = o
 	}
 	return v, nil
 }
@@ -209,22 +216,31 @@ func trim(s string) string {
 	return strings.TrimSpace(s)
 }
 
-// cookieValue finds name in one Cookie header line ("a=1; b=2").
-func cookieValue(line, name string) string {
+// cookieValue finds name in one Cookie header line ("a=1; b=2"). The same
+// name twice with different values is ambiguous, as across lines.
+func cookieValue(line, name string) (string, error) {
+	var found string
 	for line != "" {
 		var part string
 		part, line, _ = strings.Cut(line, ";")
 		part = strings.TrimSpace(part)
 		k, v, ok := strings.Cut(part, "=")
-		if ok && k == name {
-			v = strings.TrimSpace(v)
-			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
-				v = v[1 : len(v)-1]
-			}
-			return v
+		if !ok || k != name {
+			continue
 		}
+		v = strings.TrimSpace(v)
+		if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+			v = v[1 : len(v)-1]
+		}
+		if v == "" {
+			continue
+		}
+		if found != "" && found != v {
+			return "", ErrAmbiguousKey
+		}
+		found = v
 	}
-	return ""
+	return found, nil
 }
 
 // queryValue finds name in a raw query and unescapes its value. Two different

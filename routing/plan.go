@@ -61,8 +61,10 @@ type Plan struct {
 	Version uint64 `json:"version"`
 	Moves   []Move `json:"moves"`
 	Waves   int    `json:"waves"`
-	// AddUnit is the unit an add-unit plan declares.
-	AddUnit *Unit `json:"add_unit,omitempty"`
+	// AddUnit is the unit an add-unit plan declares, and AddRegion its
+	// region when the topology has no region of that name yet.
+	AddUnit   *Unit  `json:"add_unit,omitempty"`
+	AddRegion string `json:"add_region,omitempty"`
 	// RemoveUnit is the unit a remove-unit plan deletes.
 	RemoveUnit string `json:"remove_unit,omitempty"`
 	// Lost are units taken as lost (fail plans); Evacuated units keep no
@@ -250,6 +252,13 @@ func (p *planner) set(shard int, to int32, sbs []int32, copyFirst bool) {
 	p.plan.Moves = append(p.plan.Moves, mv)
 }
 
+// busy reports whether a shard is in a handoff (draining) or blocked: a plan
+// leaves it alone until its handoff ends or an operator resolves it.
+func (p *planner) busy(shard int) bool {
+	s, _ := p.m.slot(shard)
+	return s.state != StateServing
+}
+
 // usable reports whether unit u may hold a copy of data (not lost or removed).
 func (p *planner) usable(u int32) bool { return !p.lost[u] && !p.removed[u] }
 
@@ -284,10 +293,11 @@ func (p *planner) pickStandby(shard int) int32 {
 
 // fixStandbys returns the standby list for a shard whose primary becomes
 // newPrimary: the old standbys and then keep (the old primary, which still
-// holds a copy), without newPrimary and removed units, live units first and
-// lost ones after them (a lost unit that returns catches up as a standby);
-// plus one live unit when no live standby is in another region and one
-// could be, or when no live standby is left at all.
+// holds a copy), without newPrimary and removed units; plus one live unit
+// when no live standby is in another region and one could be, or when no
+// live standby is left at all. Lost units are dropped, except where one is
+// the shard's only copy in another region (or its only copy at all): then it
+// stays last, to catch up if it returns.
 func (p *planner) fixStandbys(shard int, newPrimary int32, keep int32) []int32 {
 	_, old := p.get(shard)
 	live := make([]int32, 0, len(old)+2)
@@ -316,7 +326,18 @@ func (p *planner) fixStandbys(shard int, newPrimary int32, keep int32) []int32 {
 			live = append(live, u)
 		}
 	}
-	return append(live, lost...)
+	region := p.units[newPrimary].Region
+	if !p.hasLiveCross(newPrimary, live) {
+		for _, s := range lost {
+			if p.units[s].Region != region {
+				live = append(live, s)
+			}
+		}
+	}
+	if len(live) == 0 {
+		live = append(live, lost...)
+	}
+	return live
 }
 
 func (p *planner) kindOf(shard int) Kind {
@@ -337,15 +358,15 @@ func (p *planner) hasLiveCross(primary int32, sbs []int32) bool {
 }
 
 // standbysOK reports whether a shard that keeps its primary can keep its
-// standbys: none is removed, a live one is in another region (or no live
-// unit is), and one is live (or no other live unit exists).
+// standbys: none is removed or lost, one is in another region (or no live
+// unit is), and there is one (or no other live unit exists).
 func (p *planner) standbysOK(shard int, primary int32, sbs []int32) bool {
 	anyLive := false
 	for _, s := range sbs {
-		if p.removed[s] {
-			return false
+		if p.removed[s] || p.lost[s] {
+			return false // fixStandbys decides whether a lost unit stays
 		}
-		anyLive = anyLive || p.usable(s)
+		anyLive = true
 	}
 	kind := p.kindOf(shard)
 	live := p.liveRegions()[kind]
@@ -413,6 +434,9 @@ func (p *planner) moveAway() {
 		if shard == GlobalShard && !p.m.hasGlb {
 			continue
 		}
+		if p.busy(shard) {
+			continue // the complete rule reports it when it had to move
+		}
 		pri, sbs := p.get(shard)
 		if !p.canLead(pri) {
 			to := p.pickStandby(shard)
@@ -469,6 +493,9 @@ func EvacuateUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
 	u, ok := m.unitIndex[unit]
 	if !ok {
 		return nil, planErr(ErrUnknown, "unit %q is not in the topology", unit)
+	}
+	if m.units[u].Kind == KindCZone {
+		return nil, planErr(nil, "unit %q is a czone unit: it holds a read copy and no shards, so there is nothing to evacuate; to stop routing to it, remove it (plan remove-unit)", unit)
 	}
 	p := newPlanner(m, PlanEvacuateUnit, unit, obs, nil)
 	p.evac[u] = true
@@ -539,31 +566,53 @@ func RemoveUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
 	return p.finish()
 }
 
-// AddUnit plans declaring a new unit and, for an rzone unit, a rebalance with
-// the fewest moves: it moves to the new unit its capacity-weighted share of the
-// shards, each taken from the unit most above its own share. The moves copy
-// first: the new unit holds no data yet.
+// AddUnit plans declaring a new unit (and its region, when the topology
+// has none of that name) and, for an rzone unit, a rebalance with the fewest
+// moves: it moves to the new unit its capacity-weighted share of the shards,
+// each taken from the unit most above its own share. Shards that can now
+// keep a standby in another region, and could not before, get the new unit
+// as one. Moves to and standbys on the new unit copy first: it holds no data
+// yet. Shards in a handoff or blocked are left alone.
 func AddUnit(m *ShardMap, u Unit, obs Observed) (*Plan, error) {
 	if u.Kind == "" {
 		u.Kind = KindRZone
 	}
-	// The topology with the unit declared must be valid: name, region, kind
-	// and capacity are checked exactly as for a topology file.
-	t := *m.topo
-	t.Units = append(slices.Clip(m.topo.Units), u)
-	if err := t.Validate(); err != nil {
+	var ps problems
+	regions := make(map[string]bool, len(m.topo.Regions)+1)
+	for _, r := range m.topo.Regions {
+		regions[r.Name] = true
+	}
+	newRegion := ""
+	if u.Region != "" && !regions[u.Region] {
+		if !ValidName(u.Region) {
+			ps.add(regionSubject(u.Region), "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
+		}
+		newRegion = u.Region
+		regions[u.Region] = true
+	}
+	_, dup := m.unitIndex[u.Name]
+	validateUnit(u, regions, dup, &ps)
+	switch {
+	case u.Kind == KindCZone && !m.hasGlb:
+		ps.add(unitSubject(u.Name), "a czone unit is a read copy of gzone data, and the topology has no gzone writer")
+	case u.Kind == KindGZone && !m.hasGlb:
+		ps.add(unitSubject(u.Name), "the topology has no global assignment: declare the first gzone unit and its global assignment in the topology file")
+	}
+	if len(ps) > 0 {
+		err := &ValidationError{Problems: ps}
 		return nil, planErr(err, "cannot add unit %q: %v", u.Name, err)
 	}
 	p := newPlanner(m, PlanAddUnit, u.Name, obs, &u)
-	nu := int32(len(p.units) - 1)
-	switch u.Kind {
-	case KindRZone:
-		p.rebalanceTo(nu)
-	case KindGZone:
-		// A gzone writer without a standby in another region gets the new
-		// unit as one (it copies the global data first).
-		if !p.hasLiveCross(p.gPrimary, p.gStandby) && p.units[p.gPrimary].Region != u.Region {
-			p.set(GlobalShard, p.gPrimary, append(slices.Clone(p.gStandby), nu), false)
+	p.plan.AddRegion = newRegion
+	if u.Kind == KindRZone {
+		p.rebalanceTo(int32(len(p.units) - 1))
+	}
+	for shard := GlobalShard; shard < m.n; shard++ {
+		if shard == GlobalShard && !m.hasGlb || p.busy(shard) {
+			continue
+		}
+		if pri, sbs := p.get(shard); !p.standbysOK(shard, pri, sbs) {
+			p.set(shard, pri, p.fixStandbys(shard, pri, -1), false)
 		}
 	}
 	return p.finish()
@@ -589,7 +638,9 @@ func (p *planner) rebalanceTo(nu int32) {
 	// shards of each donor, highest first taken last
 	owned := make([][]int, len(p.units))
 	for s := 0; s < p.m.n; s++ {
-		owned[p.primary[s]] = append(owned[p.primary[s]], s)
+		if !p.busy(s) {
+			owned[p.primary[s]] = append(owned[p.primary[s]], s)
+		}
 	}
 	h := &surplusHeap{}
 	for _, u := range members {
@@ -638,6 +689,9 @@ func (h *surplusHeap) Pop() any {
 // the plan, with a *RefusedError when a rule breaks.
 func (p *planner) finish() (*Plan, error) {
 	plan := p.plan
+	if plan.Moves == nil {
+		plan.Moves = []Move{}
+	}
 	// primary changes first (the global writer first of all), then standby-only
 	// changes; by shard within each.
 	slices.SortStableFunc(plan.Moves, func(a, b Move) int {

@@ -49,6 +49,11 @@ func genTopology(r *rand.Rand) *routing.Topology {
 			}
 		}
 	}
+	// A third of the topologies have shards in a handoff or blocked.
+	busyOdds := 1 << 30
+	if r.IntN(3) == 0 {
+		busyOdds = 40
+	}
 	pick := func(units []routing.Unit) routing.Assignment {
 		p := units[r.IntN(len(units))]
 		var sbs []string
@@ -71,8 +76,11 @@ func genTopology(r *rand.Rand) *routing.Topology {
 		}
 		r.Shuffle(len(sbs), func(i, j int) { sbs[i], sbs[j] = sbs[j], sbs[i] })
 		state := routing.StateServing
-		if r.IntN(40) == 0 {
+		switch r.IntN(busyOdds) {
+		case 0:
 			state = routing.StateBlocked
+		case 1:
+			state = routing.StateDraining
 		}
 		return routing.Assignment{Primary: p.Name, Standbys: sbs, Epoch: uint64(1 + r.IntN(9)), State: state}
 	}
@@ -208,6 +216,10 @@ func checkPlanProperties(t *testing.T, where string, m *routing.ShardMap, before
 	for _, u := range next.Units {
 		unitOf[u.Name] = u
 	}
+	beforeRegion := map[string]string{} // regions of units, the removed one too
+	for _, u := range before.Units {
+		beforeRegion[u.Name] = u.Region
+	}
 	gone := map[string]bool{} // may not lead after the plan
 	dead := map[string]bool{} // lost or removed: holds no live copy
 	for _, u := range p.Lost {
@@ -267,9 +279,33 @@ func checkPlanProperties(t *testing.T, where string, m *routing.ShardMap, before
 				t.Fatalf("%s: %s kept its primary but epoch %d -> %d", where, routing.ShardName(a.Shard), o.Epoch, a.Epoch)
 			}
 		}
-		stranded := p.Kind == routing.PlanFail && dead[a.Primary] && !slices.ContainsFunc(o.Standbys, func(s string) bool { return !dead[s] })
+		// A draining or blocked shard is never touched; a failover leaves
+		// the shards it cannot move (every copy lost, or busy) where they are.
+		busy := o.State != routing.StateServing
+		if busy && isMoved {
+			t.Fatalf("%s: %s is %s but the plan moves it", where, routing.ShardName(a.Shard), o.State)
+		}
+		stranded := p.Kind == routing.PlanFail && dead[a.Primary] && (busy || !slices.ContainsFunc(o.Standbys, func(s string) bool { return !dead[s] }))
 		if gone[a.Primary] && !stranded {
 			t.Fatalf("%s: %s still led by %s, which the plan takes away", where, routing.ShardName(a.Shard), a.Primary)
+		}
+		// A lost unit stays a standby of a touched shard only as its last
+		// copy in another region (or its last copy), after every live one.
+		if isMoved {
+			liveCross, seenLost := false, false
+			for _, sb := range a.Standbys {
+				switch {
+				case dead[sb]:
+					seenLost = true
+				case seenLost:
+					t.Fatalf("%s: %s lists live %s after a lost unit: %v", where, routing.ShardName(a.Shard), sb, a.Standbys)
+				case unitOf[sb].Region != unitOf[a.Primary].Region:
+					liveCross = true
+				}
+			}
+			if seenLost && liveCross {
+				t.Fatalf("%s: %s keeps a lost standby beside a live one in another region: %v", where, routing.ShardName(a.Shard), a.Standbys)
+			}
 		}
 		for _, s := range a.Standbys {
 			if s == p.RemoveUnit {
@@ -279,7 +315,7 @@ func checkPlanProperties(t *testing.T, where string, m *routing.ShardMap, before
 		if a.Shard != routing.GlobalShard && !dead[a.Primary] {
 			owners[a.Primary] = true
 		}
-		if stranded {
+		if stranded || busy {
 			continue
 		}
 		// a standby in another region whenever a live unit there could hold one
@@ -299,6 +335,19 @@ func checkPlanProperties(t *testing.T, where string, m *routing.ShardMap, before
 			}
 			if !ok {
 				t.Fatalf("%s: %s (primary %s in %s) has no standby in another region: %v", where, routing.ShardName(a.Shard), a.Primary, pu.Region, a.Standbys)
+			}
+		}
+		// A planned move never takes away the last live cross-region standby.
+		if p.Kind != routing.PlanFail && !before.Safety.AllowNoCrossRegionStandby {
+			crossBefore, crossAfter := false, false
+			for _, sb := range o.Standbys {
+				crossBefore = crossBefore || beforeRegion[sb] != beforeRegion[o.Primary]
+			}
+			for _, sb := range a.Standbys {
+				crossAfter = crossAfter || !dead[sb] && unitOf[sb].Region != pu.Region
+			}
+			if crossBefore && !crossAfter {
+				t.Fatalf("%s: %s lost its last standby in another region: %v -> %v", where, routing.ShardName(a.Shard), o.Standbys, a.Standbys)
 			}
 		}
 	}

@@ -12,8 +12,8 @@ type RuleKind string
 
 // Shard rules.
 const (
-	// RuleMod: the numeric user id mod N. Ids of any length are accepted;
-	// the remainder is computed digit by digit.
+	// RuleMod: the numeric user id mod N. Ids of any length up to MaxKeyLen
+	// are accepted; longer ones are reduced 14 digits at a time.
 	RuleMod RuleKind = "mod"
 	// RuleDigits: chosen decimal digits of the numeric user id, counted from
 	// the end (1 is the last digit), read as a number, mod N. Ant's LDC takes

@@ -136,8 +136,8 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 		if mv.Wave < 1 {
 			invalid = append(invalid, fmt.Sprintf("%s: wave %d, want 1 or more", name, mv.Wave))
 		}
-		if sl.state == StateDraining {
-			draining = append(draining, name)
+		if sl.state != StateServing {
+			draining = append(draining, fmt.Sprintf("%s (%s)", name, sl.state))
 		}
 		from, to := m.units[sl.primary].Name, mv.To
 		if mv.From != from || mv.FromEpoch != sl.epoch {
@@ -193,50 +193,57 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 		add(RuleMovesValid, true, "%d moves name known shards, units and epochs", len(p.Moves))
 	}
 	if len(draining) > 0 {
-		add(RuleOneHandoff, false, "a handoff is already running for %s; wait for it to end", list(draining))
+		add(RuleOneHandoff, false, "%s: a draining shard's handoff must end first, and a blocked shard needs an operator", list(draining))
 	} else {
-		add(RuleOneHandoff, true, "no moved shard is in a handoff")
+		add(RuleOneHandoff, true, "no moved shard is draining or blocked")
 	}
 
-	// complete: no primary left on a unit that may not lead.
-	var stranded []string
+	// complete: no primary left on a unit that may not lead. A failover
+	// moves what it can: shards whose every copy is lost, or that are
+	// draining or blocked, stay with a warning; any other plan is refused.
+	shardAt := func(i int) int {
+		if i == n {
+			return GlobalShard
+		}
+		return i
+	}
+	busy := func(i int) bool {
+		sl, _ := m.slot(shardAt(i))
+		return sl.state != StateServing
+	}
+	var stranded, waiting []string
 	for i := 0; i <= n; i++ {
 		if i == n && !a.hasGlb {
 			break
 		}
 		u := a.primary[i]
 		if a.lost[u] || a.evac[u] || a.removed[u] {
-			s := i
-			if i == n {
-				s = GlobalShard
+			name := ShardName(shardAt(i))
+			switch {
+			case busy(i):
+				sl, _ := m.slot(shardAt(i))
+				waiting = append(waiting, fmt.Sprintf("%s stays on %s (%s)", name, a.units[u].Name, sl.state))
+			case a.lost[u] && !slices.ContainsFunc(m.slotStandbys(shardAt(i)), func(sb int32) bool { return a.usable(sb) }):
+				waiting = append(waiting, fmt.Sprintf("%s stays on %s (every unit holding its data is lost)", name, a.units[u].Name))
+			default:
+				stranded = append(stranded, fmt.Sprintf("%s stays on %s (no live standby may take it)", name, a.units[u].Name))
 			}
-			why := "no standby may take it"
-			if a.lost[u] {
-				why = "every unit holding its data is lost"
-			}
-			stranded = append(stranded, fmt.Sprintf("%s stays on %s (%s)", ShardName(s), a.units[u].Name, why))
-		}
-	}
-	for i := 0; i <= n; i++ {
-		if i == n && !a.hasGlb {
-			break
 		}
 		for _, sb := range a.standbys[i] {
 			if a.removed[sb] {
-				s := i
-				if i == n {
-					s = GlobalShard
-				}
-				stranded = append(stranded, fmt.Sprintf("%s still lists removed unit %s as a standby", ShardName(s), a.units[sb].Name))
+				stranded = append(stranded, fmt.Sprintf("%s still lists removed unit %s as a standby", ShardName(shardAt(i)), a.units[sb].Name))
 			}
 		}
 	}
+	if p.Kind != PlanFail {
+		stranded, waiting = append(stranded, waiting...), nil
+	}
 	switch {
-	case len(stranded) > 0 && p.Kind == PlanFail && !slices.ContainsFunc(stranded, func(s string) bool { return !strings.Contains(s, "every unit holding its data is lost") }):
-		results = append(results, RuleResult{Rule: RuleComplete, OK: true, Warning: true, Detail: fmt.Sprintf(
-			"%d shard(s) stay down: every unit holding their data is lost; they wait for a unit to return or an operator's --accept-data-loss: %s", len(stranded), list(stranded))})
 	case len(stranded) > 0:
-		add(RuleComplete, false, "%s", list(stranded))
+		add(RuleComplete, false, "%s", list(append(stranded, waiting...)))
+	case len(waiting) > 0:
+		results = append(results, RuleResult{Rule: RuleComplete, OK: true, Warning: true, Detail: fmt.Sprintf(
+			"%d shard(s) stay down until a unit holding their data returns, their handoff ends, or an operator accepts the data loss: %s", len(waiting), list(waiting))})
 	default:
 		add(RuleComplete, true, "no shard is left on a lost, evacuated or removed unit")
 	}
@@ -307,47 +314,66 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 		add(RuleInFlight, true, "at most %d shards in flight per wave (limit %d)", biggest, safety.MaxShardsInFlight)
 	}
 
+	// cross-region-standby: every shard keeps a live standby in another
+	// region whenever a live unit there could hold one; and a plan never
+	// takes away a shard's last live standby in another region (or its last
+	// live standby) -- a failover only warns, since the loss did that.
 	if safety.AllowNoCrossRegionStandby {
 		add(RuleCrossRegionSby, true, "not enforced: safety.allow_no_cross_region_standby is set")
 	} else {
-		// regions with a usable unit, per kind
 		regions := map[Kind]map[string]bool{KindRZone: {}, KindGZone: {}}
 		for i, u := range a.units {
 			if a.usable(int32(i)) && regions[u.Kind] != nil {
 				regions[u.Kind][u.Region] = true
 			}
 		}
-		var missing []string
+		// live standbys of primary pu among sbs: any, and in another region
+		cover := func(pu int32, sbs []int32, live func(int32) bool) (anyLive, cross bool) {
+			for _, sb := range sbs {
+				if live(sb) {
+					anyLive = true
+					cross = cross || a.units[sb].Region != a.units[pu].Region
+				}
+			}
+			return anyLive, cross
+		}
+		aliveBefore := func(u int32) bool { return !a.lost[u] }
+		var missing, degraded []string
 		for i := 0; i <= n; i++ {
 			if i == n && !a.hasGlb {
 				break
 			}
-			if pi := a.primary[i]; a.lost[pi] || a.evac[pi] || a.removed[pi] {
-				continue // the complete rule reports it
+			pi := a.primary[i]
+			if a.lost[pi] || a.evac[pi] || a.removed[pi] || busy(i) && !seen[shardAt(i)] {
+				continue // the complete rule reports it, or the plan cannot touch it
 			}
-			pu := &a.units[a.primary[i]]
-			rs := regions[pu.Kind]
-			if len(rs) < 2 && (len(rs) == 0 || rs[pu.Region]) {
-				continue // no other region could hold a standby
+			name := ShardName(shardAt(i))
+			anyAfter, crossAfter := cover(pi, a.standbys[i], a.usable)
+			if crossAfter {
+				continue
 			}
-			ok := false
-			for _, sb := range a.standbys[i] {
-				if a.usable(sb) && a.units[sb].Region != pu.Region {
-					ok = true
-					break
-				}
+			rs := regions[a.units[pi].Kind]
+			if len(rs) > 1 || len(rs) == 1 && !rs[a.units[pi].Region] {
+				missing = append(missing, name)
+				continue
 			}
-			if !ok {
-				s := i
-				if i == n {
-					s = GlobalShard
-				}
-				missing = append(missing, ShardName(s))
+			anyBefore, crossBefore := cover(m.slotPrimary(shardAt(i)), m.slotStandbys(shardAt(i)), aliveBefore)
+			switch {
+			case crossBefore:
+				degraded = append(degraded, name+" loses its last live standby in another region")
+			case anyBefore && !anyAfter:
+				degraded = append(degraded, name+" loses its last live standby")
 			}
 		}
-		if len(missing) > 0 {
-			add(RuleCrossRegionSby, false, "no live standby in another region for %s", list(missing))
-		} else {
+		switch {
+		case len(missing) > 0:
+			add(RuleCrossRegionSby, false, "no live standby in another region for %s, though a live unit there could hold one", list(missing))
+		case len(degraded) > 0 && p.Kind == PlanFail:
+			results = append(results, RuleResult{Rule: RuleCrossRegionSby, OK: true, Warning: true, Detail: fmt.Sprintf(
+				"no live unit is left elsewhere to hold a standby: %s", list(degraded))})
+		case len(degraded) > 0:
+			add(RuleCrossRegionSby, false, "%s", list(degraded))
+		default:
 			add(RuleCrossRegionSby, true, "every shard keeps a live standby in another region where one exists")
 		}
 	}
@@ -373,6 +399,9 @@ func (m *ShardMap) Apply(p *Plan) (*Topology, error) {
 		return nil, fmt.Errorf("plan was computed for topology version %d, the topology is at version %d", p.Version, m.version)
 	}
 	t := m.topo.Clone()
+	if p.AddRegion != "" {
+		t.Regions = append(t.Regions, Region{Name: p.AddRegion})
+	}
 	if p.AddUnit != nil {
 		t.Units = append(t.Units, *p.AddUnit)
 	}

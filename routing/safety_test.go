@@ -2,6 +2,7 @@ package routing_test
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -45,9 +46,42 @@ func TestSafetyRules(t *testing.T) {
 			plan: evacEU, rule: routing.RuleMinServing, detail: "4 rzone units would own shards, the minimum is 5",
 		},
 		{
+			// The planner leaves a draining shard alone, so the evacuation
+			// cannot complete.
+			name: "complete_when_draining",
+			topo: func(tp *routing.Topology) { tp.Assignments[40].State = routing.StateDraining },
+			plan: evacEU, rule: routing.RuleComplete, detail: "shard 40 stays on eu-west-1 (draining)",
+		},
+		{
+			name: "complete_when_blocked",
+			topo: func(tp *routing.Topology) { tp.Assignments[41].State = routing.StateBlocked },
+			plan: evacEU, rule: routing.RuleComplete, detail: "shard 41 stays on eu-west-1 (blocked)",
+		},
+		{
+			// A hand-made plan that moves a draining shard.
 			name: "one_handoff_per_shard",
 			topo: func(tp *routing.Topology) { tp.Assignments[40].State = routing.StateDraining },
-			plan: evacEU, rule: routing.RuleOneHandoff, detail: "shard 40",
+			plan: func(m *routing.ShardMap, obs routing.Observed) (*routing.Plan, error) {
+				return routing.EvacuateUnit(m, "eu-west-2", obs) // shard 40 is not in it
+			},
+			tamper: func(p *routing.Plan, m *routing.ShardMap) *routing.ShardMap {
+				p.Moves = append(p.Moves, routing.Move{Shard: 40, From: "eu-west-1", To: "ap-south-1", FromEpoch: 1, ToEpoch: 2,
+					Standbys: []string{"us-east-1", "eu-west-1"}, Wave: p.Waves + 1})
+				return m
+			},
+			rule: routing.RuleOneHandoff, detail: "shard 40 (draining)",
+		},
+		{
+			// Removing the only unit of region us-east... of a two-region
+			// topology takes away every shard's standby in another region.
+			name: "cross_region_standby_lost_by_remove",
+			topo: func(tp *routing.Topology) {
+				*tp = *twoRegionTopology()
+			},
+			plan: func(m *routing.ShardMap, obs routing.Observed) (*routing.Plan, error) {
+				return routing.RemoveUnit(m, "b-1", obs)
+			},
+			rule: routing.RuleCrossRegionSby, detail: "shard 0 loses its last live standby in another region",
 		},
 		{
 			name: "complete_when_no_standby_elsewhere",
@@ -257,7 +291,7 @@ func TestAddUnitFewestMoves(t *testing.T) {
 	}
 	for _, bad := range []routing.Unit{
 		{Name: "us-east-1", Region: "us-east", CapacityRPS: 1},
-		{Name: "new", Region: "moon", CapacityRPS: 1},
+		{Name: "new", Region: "Moon_1", CapacityRPS: 1},
 		{Name: "Bad_Name", Region: "us-east", CapacityRPS: 1},
 		{Name: "new", Region: "us-east", CapacityRPS: 0},
 		{Name: "new", Region: "us-east", Kind: "qzone", CapacityRPS: 1},
@@ -281,6 +315,107 @@ func TestPlanUnknownTargets(t *testing.T) {
 		p, err := f()
 		if p != nil || !errors.Is(err, routing.ErrUnknown) || !strings.Contains(err.Error(), "moon") {
 			t.Errorf("%s: got plan %v, error %v; want an ErrUnknown naming moon", name, p != nil, err)
+		}
+	}
+}
+
+// twoRegionTopology: units a-1, a-2 in region a and b-1 in region b; shards
+// 0-3 on a-1 with standbys b-1 then a-2.
+func twoRegionTopology() *routing.Topology {
+	t := &routing.Topology{Version: 1, Shards: 4,
+		Regions: []routing.Region{{Name: "a"}, {Name: "b"}},
+		Units: []routing.Unit{
+			{Name: "a-1", Region: "a", Kind: routing.KindRZone, CapacityRPS: 100},
+			{Name: "a-2", Region: "a", Kind: routing.KindRZone, CapacityRPS: 100},
+			{Name: "b-1", Region: "b", Kind: routing.KindRZone, CapacityRPS: 100},
+		}}
+	for s := range 4 {
+		t.Assignments = append(t.Assignments, routing.Assignment{Shard: s, Primary: "a-1", Standbys: []string{"b-1", "a-2"}, Epoch: 1, State: routing.StateServing})
+	}
+	return t
+}
+
+// TestFailWithBusyShards: a draining or blocked shard does not stop the
+// failover of the others; it stays, with a warning.
+func TestFailWithBusyShards(t *testing.T) {
+	tp := exampleTopology(t)
+	tp.Assignments[3].State = routing.StateDraining // shard 3 on us-east-1
+	tp.Assignments[4].State = routing.StateBlocked  // shard 4 on us-east-1
+	tp.Assignments[40].State = routing.StateDraining
+	m := mustCompile(t, tp)
+	p, err := routing.FailUnits(m, []string{"us-east-1"}, routing.Observed{})
+	if err != nil {
+		t.Fatalf("fail plan refused: %v\n%s", err, p.Text())
+	}
+	r := rule(p, routing.RuleComplete)
+	if !r.Warning || !strings.Contains(r.Detail, "shard 3 stays on us-east-1 (draining)") || !strings.Contains(r.Detail, "shard 4 stays on us-east-1 (blocked)") {
+		t.Errorf("complete = %+v, want a warning naming shards 3 and 4", r)
+	}
+	moved := map[int]bool{}
+	for _, mv := range p.Moves {
+		moved[mv.Shard] = true
+	}
+	for s := 0; s <= 16; s++ {
+		if want := s != 3 && s != 4; moved[s] != want {
+			t.Errorf("shard %d moved = %v, want %v", s, moved[s], want)
+		}
+	}
+	if moved[40] {
+		t.Error("draining shard 40 (standby us-east-1) was touched")
+	}
+}
+
+// TestFailDropsLostStandbys: after a failover, a lost unit is no longer
+// listed first (or at all) where a live standby in another region remains.
+func TestFailDropsLostStandbys(t *testing.T) {
+	m := mustCompile(t, exampleTopology(t))
+	p, err := routing.FailUnits(m, []string{"eu-west-1"}, routing.Observed{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := m.Apply(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range next.Assignments {
+		if slices.Contains(a.Standbys, "eu-west-1") {
+			t.Errorf("%s keeps lost eu-west-1 as a standby: %v", routing.ShardName(a.Shard), a.Standbys)
+		}
+	}
+}
+
+// TestAddUnitNewRegion: a mesh grows into a new region through a plan; the
+// new unit becomes the cross-region standby of shards that had none.
+func TestAddUnitNewRegion(t *testing.T) {
+	tp := twoRegionTopology()
+	tp.Regions, tp.Units = tp.Regions[:1], tp.Units[:2]
+	tp.Assignments = nil
+	for s := range 4 {
+		tp.Assignments = append(tp.Assignments, routing.Assignment{Shard: s, Primary: "a-1", Standbys: []string{"a-2"}, Epoch: 1, State: routing.StateServing})
+	}
+	m := mustCompile(t, tp)
+	p, err := routing.AddUnit(m, routing.Unit{Name: "b-1", Region: "b", CapacityRPS: 100}, routing.Observed{})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, p.Text())
+	}
+	if p.AddRegion != "b" {
+		t.Errorf("AddRegion = %q, want b", p.AddRegion)
+	}
+	next, err := m.Apply(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nm := mustCompile(t, next)
+	for s := range 4 {
+		o, _ := nm.Lookup(s)
+		u, _ := nm.Unit(o.Unit)
+		cross := false
+		for _, sb := range o.Standbys {
+			su, _ := nm.Unit(sb)
+			cross = cross || su.Region != u.Region
+		}
+		if !cross {
+			t.Errorf("shard %d on %s has no standby in another region: %v", s, o.Unit, o.Standbys)
 		}
 	}
 }

@@ -61,14 +61,14 @@ func Compile(t *Topology) (*ShardMap, error) {
 	}
 	for _, k := range keys {
 		ks, err := compileKeySource(k)
-		if err != nil { // unreachable after Validate
+		if err != nil { // Validate has refused it already
 			return nil, err
 		}
 		m.keys = append(m.keys, ks)
 	}
 	for _, r := range t.Zones.Rules {
 		zr, err := compileZoneRule(r)
-		if err != nil {
+		if err != nil { // Validate has refused it already
 			return nil, err
 		}
 		m.zones = append(m.zones, zr)
@@ -156,6 +156,18 @@ func (m *ShardMap) slot(shard int) (*slot, error) {
 		return nil, &UnknownShardError{Shard: shard, N: m.n}
 	}
 	return &m.slots[shard], nil
+}
+
+// slotPrimary and slotStandbys return a shard's primary and standbys as
+// unit indexes (shard must be valid).
+func (m *ShardMap) slotPrimary(shard int) int32 {
+	s, _ := m.slot(shard)
+	return s.primary
+}
+
+func (m *ShardMap) slotStandbys(shard int) []int32 {
+	s, _ := m.slot(shard)
+	return s.standbys
 }
 
 func (m *ShardMap) standbyNames(s *slot) []string {

@@ -13,6 +13,9 @@ const (
 	MaxShards     = 65536
 )
 
+// MaxCounter bounds versions and epochs so that they can always rise.
+const MaxCounter = 1 << 62
+
 // GlobalShard is the shard number of the global assignment: the gzone writer
 // unit, moved by the same handoff protocol as any shard.
 const GlobalShard = -1
@@ -222,16 +225,15 @@ func ValidName(s string) bool {
 // nil when t is valid.
 func (t *Topology) Validate() error {
 	var ps problems
-	n := t.Shards
-	if n == 0 {
-		n = DefaultShards
-	}
+	n := t.ShardCount()
 	if n < 1 || n > MaxShards {
 		ps.add("shards", "shard count %d is out of range 1..%d", t.Shards, MaxShards)
 		n = 0 // skip per-shard checks below
 	}
 	if t.Version == 0 {
 		ps.add("version", "version must be 1 or more")
+	} else if t.Version > MaxCounter {
+		ps.add("version", "version %d is too large (the limit is 2^62, so that it can always rise)", t.Version)
 	}
 	t.Rule.validate(n, &ps)
 	validateKeys(t.Keys, &ps)
@@ -258,33 +260,16 @@ func (t *Topology) Validate() error {
 	kindRegions := map[Kind]map[string]bool{KindRZone: {}, KindGZone: {}, KindCZone: {}}
 	for i := range t.Units {
 		u := &t.Units[i]
-		subj := unitSubject(u.Name)
-		switch {
-		case u.Name == "":
+		if u.Name == "" {
 			ps.add(fmt.Sprintf("units[%d]", i), "unit has no name")
 			continue
-		case !ValidName(u.Name):
-			ps.add(subj, "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
-		case units[u.Name] != nil:
-			ps.add(subj, "declared twice")
-		case regions[u.Name]:
-			ps.add(subj, "has the name of a region; give units their own names")
 		}
+		validateUnit(*u, regions, units[u.Name] != nil, &ps)
 		if units[u.Name] == nil {
 			units[u.Name] = u
 		}
-		if u.Region == "" {
-			ps.add(subj, "has no region")
-		} else if !regions[u.Region] {
-			ps.add(subj, "region %q is not declared", u.Region)
-		}
-		if !u.Kind.valid() {
-			ps.add(subj, "kind %q is unknown (want rzone, gzone or czone)", u.Kind)
-		} else if regions[u.Region] {
+		if u.Kind.valid() && regions[u.Region] {
 			kindRegions[u.Kind][u.Region] = true
-		}
-		if !(u.CapacityRPS > 0) || u.CapacityRPS > 1e12 {
-			ps.add(subj, "capacity_rps %v must be a positive request rate", u.CapacityRPS)
 		}
 	}
 	if len(kindRegions[KindRZone]) == 0 {
@@ -369,6 +354,31 @@ func (t *Topology) Validate() error {
 	return nil
 }
 
+// validateUnit checks one unit's own fields against the declared regions;
+// dup says whether an earlier unit has its name.
+func validateUnit(u Unit, regions map[string]bool, dup bool, ps *problems) {
+	subj := unitSubject(u.Name)
+	switch {
+	case !ValidName(u.Name):
+		ps.add(subj, "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
+	case dup:
+		ps.add(subj, "declared twice")
+	case regions[u.Name]:
+		ps.add(subj, "has the name of a region; give units their own names")
+	}
+	if u.Region == "" {
+		ps.add(subj, "has no region")
+	} else if !regions[u.Region] {
+		ps.add(subj, "region %q is not declared", u.Region)
+	}
+	if !u.Kind.valid() {
+		ps.add(subj, "kind %q is unknown (want rzone, gzone or czone)", u.Kind)
+	}
+	if !(u.CapacityRPS > 0) || u.CapacityRPS > 1e12 {
+		ps.add(subj, "capacity_rps %v must be a positive request rate", u.CapacityRPS)
+	}
+}
+
 func countGlobal(as []Assignment) int {
 	c := 0
 	for _, a := range as {
@@ -383,6 +393,8 @@ func validateAssignment(a *Assignment, want Kind, units map[string]*Unit, kindRe
 	subj := ShardName(a.Shard)
 	if a.Epoch == 0 {
 		ps.add(subj, "epoch must be 1 or more")
+	} else if a.Epoch > MaxCounter {
+		ps.add(subj, "epoch %d is too large (the limit is 2^62, so that it can always rise)", a.Epoch)
 	}
 	if !a.State.valid() {
 		ps.add(subj, "state %q is unknown (want serving, draining or blocked)", a.State)

@@ -4,6 +4,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -94,28 +95,25 @@ func hasFlags(fs *flag.FlagSet) bool {
 	return n > 0
 }
 
-// parse parses args, flags and positional arguments in any order; it
-// returns done=true with the exit code when the command must stop (help or
-// a flag error).
+// parse parses args, flags and positional arguments in any order (a "--"
+// ends the flags; everything after it is positional). It returns done=true
+// with the exit code when the command must stop: help (-h, -help, --help,
+// found by the flag package where a flag may stand, never in a flag's value)
+// goes to stdout with exit 0, a flag mistake to the flag set's output with
+// exit 2.
 func parse(fs *flag.FlagSet, args []string, stdout io.Writer) (code int, done bool) {
 	out := fs.Output()
-	for _, a := range args {
-		if a == "--" {
-			break
-		}
-		if a == "-h" || a == "--help" || a == "-help" {
-			fs.SetOutput(stdout)
-			fs.Usage()
-			fs.SetOutput(out)
-			return exitOK, true
-		}
-	}
+	var buf bytes.Buffer
+	fs.SetOutput(&buf)
+	defer fs.SetOutput(out)
 	var positional []string
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
+				_, _ = buf.WriteTo(stdout)
 				return exitOK, true
 			}
+			_, _ = buf.WriteTo(out)
 			return exitUsage, true
 		}
 		rest := fs.Args()

@@ -138,13 +138,13 @@ func TestHelp(t *testing.T) {
 		{"plan-h", []string{"plan", "-h"}, "Usage: cellmesh plan <kind> --topology FILE [flags]", nil},
 		{"plan-help-word", []string{"plan", "help"}, "Usage: cellmesh plan <kind> --topology FILE [flags]", nil},
 		{"plan-evacuate", []string{"plan", "evacuate", "--help"}, "Usage: cellmesh plan evacuate (--region R | --unit U)",
-			[]string{"-topology", "-region", "-unit", "-load", "-json", "-write-topology"}},
+			[]string{"-topology", "-region", "-unit", "-load", "-json", "-write-topology", "-dry-run"}},
 		{"plan-fail", []string{"plan", "fail", "--help"}, "Usage: cellmesh plan fail (--region R | --unit U[,U...])",
-			[]string{"-topology", "-region", "-unit", "-load", "-json", "-write-topology"}},
+			[]string{"-topology", "-region", "-unit", "-load", "-json", "-write-topology", "-dry-run"}},
 		{"plan-add-unit", []string{"plan", "add-unit", "--help"}, "Usage: cellmesh plan add-unit --name U --region R --capacity RPS",
-			[]string{"-topology", "-name", "-region", "-capacity", "-kind", "-load", "-json", "-write-topology"}},
+			[]string{"-topology", "-name", "-region", "-capacity", "-kind", "-load", "-json", "-write-topology", "-dry-run"}},
 		{"plan-remove-unit", []string{"plan", "remove-unit", "--help"}, "Usage: cellmesh plan remove-unit --unit U",
-			[]string{"-topology", "-unit", "-load", "-json", "-write-topology"}},
+			[]string{"-topology", "-unit", "-load", "-json", "-write-topology", "-dry-run"}},
 		{"plan-remove-unit-h", []string{"plan", "remove-unit", "-h"}, "Usage: cellmesh plan remove-unit --unit U", nil},
 	}
 	for _, tt := range tests {
@@ -922,7 +922,9 @@ func TestPlanWriteTopology(t *testing.T) {
 		planCase{name: "fail-region-ap-south", args: []string{"fail", "--region", "ap-south"}},
 		planCase{name: "fail-unit-us-east-g", args: []string{"fail", "--unit", "us-east-g"}},
 		planCase{name: "add-unit-gzone", args: []string{"add-unit", "--name", "ap-south-g", "--region", "ap-south", "--capacity", "20000", "--kind", "gzone"}},
-		planCase{name: "remove-unit-us-east-g", args: []string{"remove-unit", "--unit", "us-east-g"}},
+		// A unit in a region the topology lacks declares the region and
+		// becomes the cross-region standby where a shard had none.
+		planCase{name: "add-unit-new-region", args: []string{"add-unit", "--name", "sa-east-1", "--region", "sa-east", "--capacity", "30000"}},
 	)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -1029,7 +1031,8 @@ func TestPlanBadInput(t *testing.T) {
 		{"fail-unknown-region", []string{"fail", "--region", "nowhere"}, exitError, []string{`cellmesh plan fail: region "nowhere" is not in the topology`}},
 		{"fail-unknown-unit-in-list", []string{"fail", "--unit", "ap-south-1,nosuch"}, exitError, []string{`cellmesh plan fail: unit "nosuch" is not in the topology`}},
 		{"remove-unknown-unit", []string{"remove-unit", "--unit", "nosuch"}, exitError, []string{`cellmesh plan remove-unit: unit "nosuch" is not in the topology`}},
-		{"add-unit-unknown-region", []string{"add-unit", "--name", "mars-1", "--region", "mars", "--capacity", "100"}, exitError, []string{`unit "mars-1": region "mars" is not declared`}},
+		{"add-unit-bad-region-name", []string{"add-unit", "--name", "mars-1", "--region", "Mars_1", "--capacity", "100"}, exitError, []string{`region "Mars_1": invalid name`}},
+
 		{"add-unit-existing-name", []string{"add-unit", "--name", "us-east-1", "--region", "us-east", "--capacity", "100"}, exitError, []string{`unit "us-east-1": declared twice`}},
 		{"add-unit-bad-name", []string{"add-unit", "--name", "Bad_Name", "--region", "us-east", "--capacity", "100"}, exitError, []string{`unit "Bad_Name": invalid name`}},
 		{"add-unit-bad-kind", []string{"add-unit", "--name", "us-east-3", "--region", "us-east", "--capacity", "100", "--kind", "qzone"}, exitError, []string{`kind "qzone" is unknown`}},
@@ -1121,6 +1124,248 @@ func TestCLICommentOnlyFile(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
+// Regressions from the second review: each test failed before its fix.
+
+// A flag value of "-h" is a value, not a request for help; help is still
+// found anywhere a flag may stand, after positional arguments too.
+func TestCLIHelpIsAFlagNotAValue(t *testing.T) {
+	tests := []struct {
+		name      string
+		args      []string
+		code      int
+		stdoutHas []string
+		stderrHas []string
+	}{
+		{"route-path-value", []string{"route", "--topology", exampleTopology, "--path", "-h", "--uid", "5"},
+			exitError, nil, []string{`--path "-h" is not a request path`}},
+		{"route-uid-value-help", []string{"route", "--topology", exampleTopology, "--uid", "--help"},
+			exitError, nil, []string{`user key "--help"`, "not a decimal number"}},
+		{"plan-region-value", []string{"plan", "evacuate", "--topology", exampleTopology, "--region", "-h"},
+			exitError, nil, []string{`region "-h" is not in the topology`}},
+		{"plan-fail-unit-value", []string{"plan", "fail", "--topology", exampleTopology, "--unit", "-help"},
+			exitError, nil, []string{`unit "-help" is not in the topology`}},
+		{"validate-help-after-file", []string{"topology", "validate", exampleTopology, "--help"},
+			exitOK, []string{"Usage: cellmesh topology validate [--json] FILE"}, nil},
+		{"validate-h-after-double-dash-is-a-file", []string{"topology", "validate", "--", "-h"},
+			exitError, []string{"-h: invalid, 1 problem(s):"}, nil},
+		{"plan-help-after-flags", []string{"plan", "fail", "--unit", "us-east-1", "-help"},
+			exitOK, []string{"Usage: cellmesh plan fail"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := runCLI(t, tt.args...)
+			wantRun(t, r, tt.code, tt.stdoutHas, tt.stderrHas)
+			if tt.code == exitOK && r.stderr != "" {
+				t.Errorf("help wrote to stderr:\n%s", r)
+			}
+			if tt.code != exitOK && strings.Contains(r.stdout, "Usage:") {
+				t.Errorf("a flag value of -h printed help:\n%s", r)
+			}
+		})
+	}
+}
+
+// --method must be an RFC 9110 token.
+func TestRouteMethodToken(t *testing.T) {
+	for _, m := range []string{"G(T", "GE T", "G,T", "G/T", `G"T`, "GÉT", "G:T", "G\tT", "G@T", "G{T}", "G?"} {
+		t.Run("bad-"+m, func(t *testing.T) {
+			r := runCLI(t, "route", "--topology", exampleTopology, "--uid", "1", "--method", m)
+			wantRun(t, r, exitError, nil, []string{fmt.Sprintf("--method %q is not an HTTP method", m)})
+			if r.stdout != "" {
+				t.Errorf("a bad method routed:\n%s", r)
+			}
+		})
+	}
+	r := runCLI(t, "route", "--topology", exampleTopology, "--uid", "1", "--method=")
+	wantRun(t, r, exitError, nil, []string{`--method "" is not an HTTP method`})
+	for _, m := range []string{"M-SEARCH", "PROPFIND", "X!#$%&'*+-.^_`|~9"} {
+		t.Run("good-"+m, func(t *testing.T) {
+			r := runCLI(t, "route", "--topology", exampleTopology, "--uid", "1", "--method", m)
+			if r.code != exitOK {
+				t.Fatalf("exit %d\n%s", r.code, r)
+			}
+			if diff := cmp.Diff(exampleRoute(t, 1, "1", true), decodeRoute(t, r)); diff != "" {
+				t.Errorf("route differs (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// --uid that the decision did not use is an error, not a silent fallback.
+func TestRouteUIDNotRead(t *testing.T) {
+	sources := "header x-cellmesh-uid, cookie uid, query uid, path /v1/users/{key}"
+	tests := []struct {
+		name      string
+		args      []string
+		stderrHas []string
+	}{
+		{"local-fallback", []string{"--uid", "42", "--key-header", "x-other", "--from", "us-east-1"},
+			[]string{`--uid "42" was not read`, "header x-other", sources}},
+		{"key-from-cookie", []string{"--uid", "42", "--key-header", "x-other", "--header", "Cookie: uid=77"},
+			[]string{`--uid "42" was not read`, "header x-other", sources, `key "77" came from cookie uid`}},
+		{"key-from-cookie-same-value", []string{"--uid", "42", "--key-header", "x-other", "--header", "Cookie: uid=42"},
+			[]string{`--uid "42" was not read`, `key "42" came from cookie uid`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := runCLI(t, append([]string{"route", "--topology", exampleTopology}, tt.args...)...)
+			wantRun(t, r, exitError, nil, tt.stderrHas)
+			if r.stdout != "" {
+				t.Errorf("a route that ignored --uid wrote to stdout:\n%s", r)
+			}
+		})
+	}
+
+	// A topology that reads only a cookie never reads --uid's default header.
+	topo := writeFile(t, t.TempDir(), "cookie.yaml",
+		strings.Replace(ruleTopology(8, "{kind: mod}"), "regions:", "key:\n  - cookie: uid\nregions:", 1))
+	r := runCLI(t, "route", "--topology", topo, "--uid", "5", "--from", "west-1")
+	wantRun(t, r, exitError, nil, []string{`--uid "5" was not read`, "header x-cellmesh-uid", "reads the user key from cookie uid"})
+
+	// --uid read, or not needed by the route: no error.
+	for _, args := range [][]string{
+		{"--uid", "42", "--from", "us-east-1"},
+		{"--uid", " 42 ", "--key-header", "X-CellMesh-Uid"},
+		{"--uid", "42", "--method", "PUT", "--path", "/v1/config/rates"},
+		{"--uid", "42", "--path", "/v1/config/rates", "--from", "eu-west-1"},
+	} {
+		r := runCLI(t, append([]string{"route", "--topology", exampleTopology}, args...)...)
+		wantRun(t, r, exitOK, nil, nil)
+		if strings.Contains(r.stdout, "local_fallback") {
+			t.Errorf("%q fell back to the local unit:\n%s", args, r)
+		}
+	}
+}
+
+// A unit given twice in --load is refused, naming the unit.
+func TestPlanLoadGivenTwice(t *testing.T) {
+	for _, loads := range [][]string{
+		{"--load", "us-east-1=1", "--load", "us-east-1=2"},
+		{"--load", "us-east-1=1,eu-west-1=3, us-east-1 =2"},
+		{"--load", "us-east-1=1", "--load", "us-east-1=1"},
+	} {
+		args := append([]string{"plan", "evacuate", "--region", "eu-west", "--topology", exampleTopology}, loads...)
+		r := runCLI(t, args...)
+		wantRun(t, r, exitError, nil, []string{`--load: unit "us-east-1" is given twice`})
+		if r.stdout != "" {
+			t.Errorf("%q: a refused --load wrote a plan:\n%s", loads, r)
+		}
+	}
+}
+
+// Every plan kind takes --dry-run: the same plan and exit code, nothing
+// written; --dry-run with --write-topology is a usage mistake.
+func TestPlanDryRun(t *testing.T) {
+	for _, c := range planCases {
+		t.Run(c.name, func(t *testing.T) {
+			plain := runCLI(t, c.cli()...)
+			dry := runCLI(t, c.cli("--dry-run")...)
+			if dry.code != plain.code || dry.stdout != plain.stdout || dry.stderr != plain.stderr {
+				t.Errorf("--dry-run changed the output:\nwithout:\n%s\nwith:\n%s", plain, dry)
+			}
+
+			out := filepath.Join(t.TempDir(), "after.yaml")
+			for _, args := range [][]string{
+				c.cli("--dry-run", "--write-topology", out),
+				c.cli("--write-topology", out, "--dry-run=true"),
+			} {
+				r := runCLI(t, args...)
+				wantRun(t, r, exitUsage, nil, []string{"--dry-run writes nothing; drop one of them"})
+				if r.stdout != "" {
+					t.Errorf("a usage mistake printed a plan:\n%s", r)
+				}
+			}
+			if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("--dry-run wrote %s (stat: %v)", out, err)
+			}
+		})
+	}
+	r := runCLI(t, "plan", "--help")
+	wantRun(t, r, exitOK, []string{"--dry-run"}, nil)
+}
+
+func TestPlanDryRunGolden(t *testing.T) {
+	r := runCLI(t, "plan", "fail", "--unit", "us-east-1", "--dry-run", "--topology", exampleTopology)
+	if r.code != exitOK || r.stderr != "" {
+		t.Fatalf("want exit 0 and no stderr\n%s", r)
+	}
+	checkGolden(t, "fail-unit-us-east-1-dry-run", r.stdout)
+}
+
+// The kind's help holds the shared description, not the kind list.
+func TestPlanKindHelpAbout(t *testing.T) {
+	for _, kind := range []string{"evacuate", "fail", "add-unit", "remove-unit"} {
+		r := runCLI(t, "plan", kind, "--help")
+		wantRun(t, r, exitOK, []string{"Usage: cellmesh plan " + kind + " ", "\n\n" + planAbout + "\n", "-dry-run"}, nil)
+		if strings.Contains(r.stdout, "Kinds:") || strings.Contains(r.stdout, "<kind>") {
+			t.Errorf("plan %s --help shows the kind list:\n%s", kind, r)
+		}
+	}
+}
+
+// --write-topology naming the --topology file (by any spelling or link)
+// would overwrite the input and lose its comments.
+func TestPlanWriteTopologySameFile(t *testing.T) {
+	orig, err := os.ReadFile(exampleTopology)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	in := writeFile(t, dir, "topo.yaml", string(orig))
+	abs, err := filepath.Abs(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	outs := map[string]string{
+		"same":     in,
+		"dot":      filepath.Join(dir, ".", "topo.yaml"),
+		"dot-dot":  filepath.Join(dir, "sub", "..", "topo.yaml"),
+		"absolute": abs,
+	}
+	if err := os.Symlink(in, filepath.Join(dir, "link.yaml")); err == nil {
+		outs["symlink"] = filepath.Join(dir, "link.yaml")
+	}
+	if err := os.Link(in, filepath.Join(dir, "hard.yaml")); err == nil {
+		outs["hard-link"] = filepath.Join(dir, "hard.yaml")
+	}
+	for name, out := range outs {
+		t.Run(name, func(t *testing.T) {
+			r := runCLI(t, "plan", "evacuate", "--region", "eu-west", "--topology", in, "--write-topology", out)
+			wantRun(t, r, exitError, nil, []string{"--write-topology " + out + " is the --topology file", "write to another file"})
+			if r.stdout != "" {
+				t.Errorf("a refused --write-topology printed a plan:\n%s", r)
+			}
+			if got, err := os.ReadFile(in); err != nil || !bytes.Equal(got, orig) {
+				t.Errorf("the input topology changed (read error %v)", err)
+			}
+		})
+	}
+
+	// Another file next to it is fine.
+	out := filepath.Join(dir, "after.yaml")
+	r := runCLI(t, "plan", "evacuate", "--region", "eu-west", "--topology", in, "--write-topology", out)
+	wantRun(t, r, exitOK, nil, []string{"wrote the topology after the plan (version 2) to " + out})
+}
+
+// topology validate takes its flags after FILE too.
+func TestTopologyValidateFlagAfterFile(t *testing.T) {
+	r := runCLI(t, "topology", "validate", exampleTopology, "--json")
+	if r.code != exitOK || r.stderr != "" {
+		t.Fatalf("want exit 0 and no stderr\n%s", r)
+	}
+	if got := decodeValidate(t, r); !got.Valid || got.Summary != "3 regions, 11 units, 100 shards, version 1" {
+		t.Errorf("got %+v\n%s", got, r)
+	}
+	r = runCLI(t, "topology", "validate", brokenTopology, "--json")
+	if r.code != exitError {
+		t.Errorf("exit %d, want 1\n%s", r.code, r)
+	}
+	if got := decodeValidate(t, r); got.Valid || len(got.Problems) < len(brokenProblems) {
+		t.Errorf("got %+v\n%s", got, r)
+	}
+}
+
+// ---------------------------------------------------------------------------
 // The real binary.
 
 // TestBinary builds cellmesh and runs it as a subprocess, to check what
@@ -1191,4 +1436,16 @@ func TestBinary(t *testing.T) {
 	t.Run("usage", func(t *testing.T) {
 		wantRun(t, exec1(t), exitUsage, nil, []string{"Usage: cellmesh <command>"})
 	})
+}
+
+// Removing the global writer, whose only standby is in another region,
+// would leave the writer without one: refused, and nothing is written.
+func TestPlanRefusedRemoveWriter(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "after.yaml")
+	r := runCLI(t, "plan", "remove-unit", "--unit", "us-east-g", "--topology", exampleTopology, "--write-topology", out)
+	wantRun(t, r, exitRefused, []string{"BROKEN cross-region-standby   global loses its last live standby in another region", "result: refused"},
+		[]string{"cross-region-standby: global loses its last live standby in another region"})
+	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a refused plan wrote %s (stat: %v)", out, err)
+	}
 }

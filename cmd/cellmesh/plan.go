@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,11 +15,18 @@ import (
 	"github.com/cellmesh/cellmesh/routing/topofile"
 )
 
+// planAbout describes every plan kind; the plan help and each kind's help
+// show it.
+const planAbout = `Computes a plan against a topology file, checks it against the topology's
+safety rules, and prints it. A plan never changes anything by itself: the
+topology file is only read. --write-topology saves the topology the plan
+leads to, when the plan passes, to another file than --topology. --dry-run
+makes the dry run explicit for scripts: it prints the same plan and writes
+nothing, so it cannot be given with --write-topology.`
+
 const planUsage = `Usage: cellmesh plan <kind> --topology FILE [flags]
 
-Computes a plan against a topology file, checks it against the topology's
-safety rules, and prints it. Nothing is changed: the plan is a dry run unless
---write-topology saves the topology it leads to.
+` + planAbout + `
 
 Kinds:
   evacuate     --region R | --unit U    move every shard led there to a standby elsewhere
@@ -26,6 +34,10 @@ Kinds:
   add-unit     --name U --region R --capacity RPS [--kind rzone|gzone|czone]
                                         declare a unit and rebalance shards to it
   remove-unit  --unit U                 move every shard off a unit and delete it
+
+Every kind takes --topology FILE, --load UNIT=RPS (repeatable), --json, and
+one of --dry-run or --write-topology OUT; 'cellmesh plan <kind> --help'
+lists them.
 
 Exit 0 when the plan passes every rule, 3 when a rule refuses it, 1 on bad
 input, 2 on a usage mistake.
@@ -42,19 +54,20 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	}
 	kind := args[0]
 	synopsis := map[string]string{
-		"evacuate":    "cellmesh plan evacuate (--region R | --unit U) --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
-		"fail":        "cellmesh plan fail (--region R | --unit U[,U...]) --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
-		"add-unit":    "cellmesh plan add-unit --name U --region R --capacity RPS [--kind rzone] --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
-		"remove-unit": "cellmesh plan remove-unit --unit U --topology FILE [--load UNIT=RPS]... [--json] [--write-topology OUT]",
+		"evacuate":    "cellmesh plan evacuate (--region R | --unit U) --topology FILE [--load UNIT=RPS]... [--json] [--dry-run | --write-topology OUT]",
+		"fail":        "cellmesh plan fail (--region R | --unit U[,U...]) --topology FILE [--load UNIT=RPS]... [--json] [--dry-run | --write-topology OUT]",
+		"add-unit":    "cellmesh plan add-unit --name U --region R --capacity RPS [--kind rzone] --topology FILE [--load UNIT=RPS]... [--json] [--dry-run | --write-topology OUT]",
+		"remove-unit": "cellmesh plan remove-unit --unit U --topology FILE [--load UNIT=RPS]... [--json] [--dry-run | --write-topology OUT]",
 	}[kind]
 	if synopsis == "" {
 		return usagef(stderr, "plan", "unknown plan kind %q (want evacuate, fail, add-unit or remove-unit)", kind)
 	}
 	cmd := "plan " + kind
-	fs := newFlags(cmd, synopsis, strings.TrimSpace(strings.SplitN(planUsage, "Kinds:", 2)[0][len("Usage: cellmesh plan <kind> --topology FILE [flags]\n\n"):]), stderr)
+	fs := newFlags(cmd, synopsis, planAbout, stderr)
 	topo := fs.String("topology", "", "topology YAML file (required)")
 	asJSON := fs.Bool("json", false, "print the plan as JSON")
-	writeTo := fs.String("write-topology", "", "when the plan passes, write the topology it leads to (YAML) to this file")
+	writeTo := fs.String("write-topology", "", "when the plan passes, write the topology it leads to (YAML) to this file, not the --topology file")
+	dryRun := fs.Bool("dry-run", false, "print the plan and the rules it passes, write nothing (refused with --write-topology)")
 	var loads listFlag
 	fs.Var(&loads, "load", "measured load of a unit as UNIT=RPS (repeatable or comma-separated); units without one count as 0 rps")
 	var region, unit, name onceFlag
@@ -84,6 +97,18 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	}
 	if *topo == "" {
 		return usagef(stderr, cmd, "--topology is required")
+	}
+	if *dryRun && *writeTo != "" {
+		return usagef(stderr, cmd, "--dry-run writes nothing; drop one of them")
+	}
+	if *writeTo != "" {
+		same, err := sameFile(*topo, *writeTo)
+		if err != nil {
+			return failf(stderr, cmd, "--write-topology: %v", err)
+		}
+		if same {
+			return failf(stderr, cmd, "--write-topology %s is the --topology file; overwriting it would lose its comments: write to another file", *writeTo)
+		}
 	}
 	obs, err := parseLoads(loads)
 	if err != nil {
@@ -175,7 +200,31 @@ func parseLoads(loads []string) (routing.Observed, error) {
 		if !ok || strings.TrimSpace(u) == "" || err != nil || rps < 0 || rps != rps || rps > 1e12 {
 			return obs, fmt.Errorf("--load %q: want UNIT=RPS with a non-negative rate, like us-east-1=12000", l)
 		}
-		obs.LoadRPS[strings.TrimSpace(u)] = rps
+		u = strings.TrimSpace(u)
+		if prev, ok := obs.LoadRPS[u]; ok {
+			return obs, fmt.Errorf("--load: unit %q is given twice (%g and %g rps); give it once", u, prev, rps)
+		}
+		obs.LoadRPS[u] = rps
 	}
 	return obs, nil
+}
+
+// sameFile reports whether the paths a and b name the same file: by
+// os.SameFile when both exist (through any link or spelling), else by their
+// cleaned absolute paths.
+func sameFile(a, b string) (bool, error) {
+	ai, aerr := os.Stat(a)
+	bi, berr := os.Stat(b)
+	if aerr == nil && berr == nil {
+		return os.SameFile(ai, bi), nil
+	}
+	aa, err := filepath.Abs(a)
+	if err != nil {
+		return false, err
+	}
+	ba, err := filepath.Abs(b)
+	if err != nil {
+		return false, err
+	}
+	return aa == ba, nil
 }

@@ -36,11 +36,13 @@ epoch, decided by the topology's key, shard and zone rules exactly as a
 sidecar decides it. The user id is sent in the header --key-header; the path
 (with an optional ?query) and method pick the zone rule and may carry the key
 themselves. Exit 0 with the decision, 1 when the request cannot be routed
-(no key, non-numeric key under mod/digits) or the topology is invalid.`, stderr)
+(no key, non-numeric key under mod/digits), when --uid is given but the
+decision did not read it (another key source came first, or none matched and
+the request fell back to --from), or when the topology is invalid.`, stderr)
 	topo := fs.String("topology", "", "topology YAML file (required)")
 	uid := fs.String("uid", "", "user key to route; sent in the --key-header header")
 	keyHeader := fs.String("key-header", "", "header that carries --uid (default: the topology's first header key source, else "+routing.DefaultKeyHeader+")")
-	method := fs.String("method", "GET", "HTTP method of the request")
+	method := fs.String("method", "GET", "HTTP method of the request (an RFC 9110 token)")
 	path := fs.String("path", "/", "request path, optionally with ?query")
 	from := fs.String("from", "", "unit of the sidecar deciding; needed for czone routes")
 	var headers repeatFlag
@@ -71,6 +73,9 @@ themselves. Exit 0 with the decision, 1 when the request cannot be routed
 	case err != nil:
 		return failf(stderr, "route", "%v", err)
 	}
+	if why := uidNotRead(m, req, d, *uid, *keyHeader); why != "" {
+		return failf(stderr, "route", "%s", why)
+	}
 	out := routeOutput{Zone: d.Zone, Unit: d.Unit, Region: d.Region, Epoch: d.Epoch, State: d.State, Write: d.Write, Key: d.Key, LocalFallback: d.LocalFallback}
 	if d.Shard != routing.GlobalShard {
 		out.Shard = &d.Shard
@@ -88,7 +93,7 @@ func buildRequest(m *routing.ShardMap, uid, keyHeader, method, path, from string
 	if err != nil || !strings.HasPrefix(path, "/") {
 		return nil, fmt.Errorf("--path %q is not a request path like /v1/users/42?x=1", path)
 	}
-	if method == "" || strings.ContainsAny(method, " \t\r\n") {
+	if !isToken(method) {
 		return nil, fmt.Errorf("--method %q is not an HTTP method", method)
 	}
 	if from != "" {
@@ -109,6 +114,46 @@ func buildRequest(m *routing.ShardMap, uid, keyHeader, method, path, from string
 		h.Add(textproto.CanonicalMIMEHeaderKey(uidHeader(m, keyHeader)), uid)
 	}
 	return &routing.Request{Method: strings.ToUpper(method), Path: u.Path, RawQuery: u.RawQuery, Header: h, LocalUnit: from}, nil
+}
+
+// isToken reports whether s is an RFC 9110 token, the syntax of a method:
+// one or more letters, digits and !#$%&'*+-.^_`|~.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// uidNotRead returns why --uid did not decide the route, or "" when it did
+// or when the route needs no key (gzone, czone): the request fell back to
+// the local unit, or another key source came first.
+func uidNotRead(m *routing.ShardMap, req *routing.Request, d routing.Decision, uid, keyHeader string) string {
+	if uid == "" || (d.Zone != routing.KindRZone && !d.LocalFallback) {
+		return ""
+	}
+	header := uidHeader(m, keyHeader)
+	var why string
+	if d.LocalFallback {
+		why = fmt.Sprintf("the request fell back to the local unit %s", d.Unit)
+	} else {
+		key, src, err := m.Key(req)
+		if err != nil || (src.Kind == routing.KeyHeader && strings.EqualFold(src.Name, header)) {
+			return ""
+		}
+		why = fmt.Sprintf("the key %q came from %s", key, src)
+	}
+	return fmt.Sprintf("--uid %q was not read: it was sent in header %s, and this topology reads the user key from %s (first match wins); %s. Send the key where the topology reads it (--key-header, --header or --path)",
+		uid, header, keySources(m), why)
 }
 
 // uidHeader is the header --uid is sent in: --key-header, else the
