@@ -57,9 +57,18 @@ func (p *Plan) Text() string {
 		}
 		fmt.Fprintf(&b, "  %s%-22s %s\n", mark, r.Rule, r.Detail)
 	}
-	if p.Refused() {
+	warnings := 0
+	for _, r := range p.Rules {
+		if r.Warning {
+			warnings++
+		}
+	}
+	switch {
+	case p.Refused():
 		b.WriteString("result: refused; nothing was changed\n")
-	} else {
+	case warnings > 0:
+		fmt.Fprintf(&b, "result: passes the safety rules, with %d warning(s) above\n", warnings)
+	default:
 		b.WriteString("result: passes every safety rule\n")
 	}
 	return b.String()
