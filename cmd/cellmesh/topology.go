@@ -44,7 +44,15 @@ writer, ...). Prints every problem at once. Exit 0 when valid, 1 when not.`, std
 	var res result
 	t, err := topofile.Load(path)
 	if err != nil {
-		res.Problems = []routing.Problem{{Subject: "file", Message: err.Error()}}
+		// One problem per shape error the loader found.
+		var joined interface{ Unwrap() []error }
+		if errors.As(err, &joined) {
+			for _, e := range joined.Unwrap() {
+				res.Problems = append(res.Problems, routing.Problem{Subject: "file", Message: e.Error()})
+			}
+		} else {
+			res.Problems = []routing.Problem{{Subject: "file", Message: err.Error()}}
+		}
 	} else if err := t.Validate(); err != nil {
 		var ve *routing.ValidationError
 		if !errors.As(err, &ve) {

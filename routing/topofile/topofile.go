@@ -1,7 +1,3 @@
-// Package topofile decodes topology files (YAML, snake_case keys) into
-// routing.Topology structs. It checks the file's shape (unknown keys, wrong
-// types, bad shard ranges) with line numbers; routing.Topology.Validate
-// checks the meaning.
 package topofile
 
 import (
@@ -11,8 +7,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/cellmesh/cellmesh/routing"
@@ -24,13 +20,14 @@ import (
 const MaxFileSize = 32 << 20
 
 // File is the YAML form of a topology. See examples/topology/three-regions.yaml.
+// A zero field means its default and Encode leaves it out.
 type File struct {
-	Version     uint64       `yaml:"version"`
-	Shards      int          `yaml:"shards"`
-	ShardRule   RuleFile     `yaml:"shard_rule"`
-	Key         []KeyFile    `yaml:"key"`
-	Zones       ZonesFile    `yaml:"zones"`
-	Safety      SafetyFile   `yaml:"safety"`
+	Version     Uint         `yaml:"version"`
+	Shards      Int          `yaml:"shards,omitempty"`
+	ShardRule   RuleFile     `yaml:"shard_rule,omitempty"`
+	Key         []KeyFile    `yaml:"key,omitempty"`
+	Zones       ZonesFile    `yaml:"zones,omitempty"`
+	Safety      SafetyFile   `yaml:"safety,omitempty"`
 	Regions     []RegionFile `yaml:"regions"`
 	Units       []UnitFile   `yaml:"units"`
 	Assignments []AssignFile `yaml:"assignments"`
@@ -38,8 +35,8 @@ type File struct {
 
 // RuleFile is the shard rule.
 type RuleFile struct {
-	Kind   string `yaml:"kind"`
-	Digits []int  `yaml:"digits,omitempty"`
+	Kind   string `yaml:"kind,omitempty"`
+	Digits []Int  `yaml:"digits,omitempty"`
 }
 
 // KeyFile is one key source: exactly one field is set.
@@ -48,7 +45,8 @@ type KeyFile struct {
 	Cookie string `yaml:"cookie,omitempty"`
 	Query  string `yaml:"query,omitempty"`
 	Path   string `yaml:"path,omitempty"`
-	line   int
+
+	pos position // see AssignFile.pos
 }
 
 // ZonesFile holds the zone rules.
@@ -69,8 +67,8 @@ type ZoneFile struct {
 // SafetyFile holds the safety limits; zero means the default.
 type SafetyFile struct {
 	MaxUtilization            float64 `yaml:"max_utilization,omitempty"`
-	MinServingUnits           int     `yaml:"min_serving_units,omitempty"`
-	MaxShardsInFlight         int     `yaml:"max_shards_in_flight,omitempty"`
+	MinServingUnits           Int     `yaml:"min_serving_units,omitempty"`
+	MaxShardsInFlight         Int     `yaml:"max_shards_in_flight,omitempty"`
 	AllowNoCrossRegionStandby bool    `yaml:"allow_no_cross_region_standby,omitempty"`
 }
 
@@ -88,102 +86,17 @@ type UnitFile struct {
 }
 
 // AssignFile assigns a set of shards (or the global writer) to a primary and
-// standbys. Epoch defaults to 1 and State to serving.
+// standbys. A nil Epoch means 1 and an empty State serving; an epoch written
+// as 0 stays 0, for Validate to refuse.
 type AssignFile struct {
 	Shards   ShardSet `yaml:"shards"`
 	Primary  string   `yaml:"primary"`
 	Standbys []string `yaml:"standbys,omitempty"`
-	Epoch    uint64   `yaml:"epoch,omitempty"`
+	Epoch    *Uint    `yaml:"epoch,omitempty"`
 	State    string   `yaml:"state,omitempty"`
-}
 
-// ShardSet is a set of shards written as "0-16", "7", "global", a
-// comma-separated list of those, or a YAML list of them.
-type ShardSet []int
-
-// maxExpanded bounds how many shard numbers one file may list in all.
-const maxExpanded = 2 * routing.MaxShards
-
-// UnmarshalYAML decodes a scalar or a sequence of scalars.
-func (s *ShardSet) UnmarshalYAML(n *yaml.Node) error {
-	var parts []string
-	switch n.Kind {
-	case yaml.ScalarNode:
-		parts = strings.Split(n.Value, ",")
-	case yaml.SequenceNode:
-		for _, c := range n.Content {
-			if c.Kind != yaml.ScalarNode {
-				return fmt.Errorf("line %d: shards: want a shard, a range like 0-16 or global", c.Line)
-			}
-			parts = append(parts, strings.Split(c.Value, ",")...)
-		}
-	default:
-		return fmt.Errorf("line %d: shards: want a shard, a range like 0-16, global, or a list of them", n.Line)
-	}
-	for _, p := range parts {
-		p = strings.TrimSpace(p)
-		if p == "global" {
-			*s = append(*s, routing.GlobalShard)
-			continue
-		}
-		lo, hi, isRange := strings.Cut(p, "-")
-		a, err1 := parseShard(lo)
-		b, err2 := a, error(nil)
-		if isRange {
-			b, err2 = parseShard(hi)
-		}
-		if err := errors.Join(err1, err2); err != nil {
-			return fmt.Errorf("line %d: shards: %q: %v", n.Line, p, err)
-		}
-		if b < a {
-			return fmt.Errorf("line %d: shards: range %q ends before it starts", n.Line, p)
-		}
-		if len(*s)+(b-a+1) > maxExpanded {
-			return fmt.Errorf("line %d: shards: the file lists more than %d shards", n.Line, maxExpanded)
-		}
-		for i := a; i <= b; i++ {
-			*s = append(*s, i)
-		}
-	}
-	return nil
-}
-
-func parseShard(s string) (int, error) {
-	s = strings.TrimSpace(s)
-	v, err := strconv.Atoi(s)
-	if err != nil || v < 0 {
-		return 0, fmt.Errorf("%q is not a shard number", s)
-	}
-	if v >= routing.MaxShards {
-		return 0, fmt.Errorf("shard %d is beyond the largest possible shard %d", v, routing.MaxShards-1)
-	}
-	return v, nil
-}
-
-// UnmarshalYAML keeps the line of a key source for errors. n.Decode does not
-// inherit the file decoder's KnownFields, so unknown keys are refused here.
-func (k *KeyFile) UnmarshalYAML(n *yaml.Node) error {
-	if n.Kind == yaml.MappingNode {
-		var unknown []string
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			switch key := n.Content[i]; key.Value {
-			case "header", "cookie", "query", "path":
-			default:
-				unknown = append(unknown, fmt.Sprintf("line %d: field %s not found in type topofile.KeyFile", key.Line, key.Value))
-			}
-		}
-		if len(unknown) > 0 {
-			return &yaml.TypeError{Errors: unknown}
-		}
-	}
-	type plain KeyFile
-	var p plain
-	if err := n.Decode(&p); err != nil {
-		return err
-	}
-	*k = KeyFile(p)
-	k.line = n.Line
-	return nil
+	// pos is where Parse found the entry, for messages; zero when unknown.
+	pos position
 }
 
 // Load reads and decodes a topology file. It does not validate the
@@ -210,22 +123,58 @@ func Load(path string) (*routing.Topology, error) {
 
 var errEmpty = errors.New("empty topology: want a YAML mapping with version, regions, units and assignments")
 
-func (f *File) isZero() bool {
-	return f.Version == 0 && f.Shards == 0 && f.ShardRule.Kind == "" && len(f.ShardRule.Digits) == 0 && len(f.Key) == 0 &&
-		f.Zones.Default == "" && len(f.Zones.Rules) == 0 && f.Safety == (SafetyFile{}) &&
-		len(f.Regions) == 0 && len(f.Units) == 0 && len(f.Assignments) == 0
-}
-
-// Parse decodes a topology from YAML. Unknown keys, wrong types, a second
-// document and malformed shard sets are errors with their line.
+// Parse decodes a topology from YAML and checks its shape. It returns every
+// shape problem at once, joined, each with its line: unknown keys, wrong
+// types, numbers that are not whole, empty list items, malformed shard sets,
+// key entries without exactly one source, and more shards than a topology
+// can hold. A second document is an error too.
 func Parse(data []byte) (*routing.Topology, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		return nil, errEmpty
 	}
+	// The decoder into File drops or zeroes empty list items and names no
+	// key in its errors: a first pass reads the YAML as nodes to find those
+	// and the line of each entry. yaml.Node.Decode would not refuse unknown
+	// keys, so the second pass decodes File from the text again.
+	root, err := parseNodes(data)
+	if err != nil {
+		return nil, err
+	}
+	if root.ShortTag() == "!!null" || root.Kind == yaml.MappingNode && len(root.Content) == 0 {
+		return nil, errEmpty
+	}
+	c := newChecker()
+	c.check(root, reflect.TypeFor[File](), "")
+	problems := c.problems
+
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	var f File
 	if err := dec.Decode(&f); err != nil {
+		var te *yaml.TypeError
+		if !errors.As(err, &te) {
+			return nil, fmt.Errorf("decode YAML: %w", err)
+		}
+		for _, msg := range te.Errors {
+			if p := decoderProblem(msg); !c.keyless[p] {
+				problems = append(problems, p)
+			}
+		}
+	}
+	setPositions(f.Key, positions(root, "key"), func(k *KeyFile, p position) { k.pos = p })
+	setPositions(f.Assignments, positions(root, "assignments"), func(a *AssignFile, p position) { a.pos = p })
+	t, shape := f.topology()
+	if problems = append(problems, shape...); len(problems) > 0 {
+		return nil, joinProblems(problems)
+	}
+	return t, nil
+}
+
+// parseNodes reads the one document in data and returns its root node.
+func parseNodes(data []byte) (*yaml.Node, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil {
 		if errors.Is(err, io.EOF) {
 			return nil, errEmpty
 		}
@@ -234,31 +183,56 @@ func Parse(data []byte) (*routing.Topology, error) {
 		}
 		return nil, fmt.Errorf("decode YAML: %w", err)
 	}
-	if f.isZero() {
-		return nil, errEmpty
-	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); err != io.EOF {
 		return nil, errors.New("decode YAML: the file holds more than one document; keep one topology per file")
 	}
-	return f.Topology()
+	if doc.Kind != yaml.DocumentNode || len(doc.Content) != 1 {
+		return nil, errEmpty
+	}
+	return resolve(doc.Content[0]), nil
 }
 
-// Topology converts the file form to the model.
+// setPositions gives each entry its position, when the positions found
+// match the entries decoded.
+func setPositions[E any](entries []E, ps []position, set func(*E, position)) {
+	if len(ps) != len(entries) {
+		return
+	}
+	for i := range entries {
+		set(&entries[i], ps[i])
+	}
+}
+
+// Topology converts the file form to the model. It checks the shape the
+// types cannot hold: shard sets, key entries with exactly one source, and
+// how many shards the assignments list in all, which it sums from the
+// ranges before it expands any. It returns every such problem at once.
 func (f *File) Topology() (*routing.Topology, error) {
+	t, problems := f.topology()
+	if len(problems) > 0 {
+		return nil, joinProblems(problems)
+	}
+	return t, nil
+}
+
+func (f *File) topology() (*routing.Topology, []problem) {
 	t := &routing.Topology{
-		Version: f.Version,
-		Shards:  f.Shards,
-		Rule:    routing.ShardRule{Kind: routing.RuleKind(f.ShardRule.Kind), Digits: f.ShardRule.Digits},
+		Version: uint64(f.Version),
+		Shards:  int(f.Shards),
+		Rule:    routing.ShardRule{Kind: routing.RuleKind(f.ShardRule.Kind)},
 		Zones:   routing.ZoneRules{Default: routing.Zone(f.Zones.Default)},
 		Safety: routing.Safety{
 			MaxUtilization:            f.Safety.MaxUtilization,
-			MinServingUnits:           f.Safety.MinServingUnits,
-			MaxShardsInFlight:         f.Safety.MaxShardsInFlight,
+			MinServingUnits:           int(f.Safety.MinServingUnits),
+			MaxShardsInFlight:         int(f.Safety.MaxShardsInFlight),
 			AllowNoCrossRegionStandby: f.Safety.AllowNoCrossRegionStandby,
 		},
 	}
-	var errs []error
+	for _, d := range f.ShardRule.Digits {
+		t.Rule.Digits = append(t.Rule.Digits, int(d))
+	}
+	var problems []problem
 	for i, k := range f.Key {
 		var set []routing.KeySource
 		for _, c := range []struct {
@@ -270,7 +244,8 @@ func (f *File) Topology() (*routing.Topology, error) {
 			}
 		}
 		if len(set) != 1 {
-			errs = append(errs, fmt.Errorf("line %d: key[%d]: give exactly one of header, cookie, query or path", k.line, i))
+			at := k.pos.in(i)
+			problems = append(problems, problem{at.line, fmt.Sprintf("key[%d]: give exactly one of header, cookie, query or path", at.index)})
 			continue
 		}
 		t.Keys = append(t.Keys, set[0])
@@ -286,32 +261,48 @@ func (f *File) Topology() (*routing.Topology, error) {
 	for _, u := range f.Units {
 		t.Units = append(t.Units, routing.Unit{Name: u.Name, Region: u.Region, Kind: routing.Kind(u.Kind), CapacityRPS: u.CapacityRPS})
 	}
+
+	// Sum the sizes of the sets before expanding any.
+	seen := map[*yaml.Node]*shardSet{}
+	sets := make([]*shardSet, len(f.Assignments))
 	total := 0
-	for _, a := range f.Assignments {
-		total += len(a.Shards)
-	}
-	if total > maxExpanded {
-		return nil, fmt.Errorf("assignments: the file lists more than %d shards", maxExpanded)
-	}
-	for i, a := range f.Assignments {
-		if len(a.Shards) == 0 {
-			errs = append(errs, fmt.Errorf("assignments[%d] (primary %q): no shards listed", i, a.Primary))
+	for i := range f.Assignments {
+		a := &f.Assignments[i]
+		at := a.pos.in(i)
+		s := a.Shards.read(seen)
+		sets[i] = s
+		if !s.reported {
+			s.reported = true
+			problems = append(problems, s.problems...)
 		}
-		epoch, state := a.Epoch, routing.State(a.State)
-		if epoch == 0 {
-			epoch = 1
+		if s.size == 0 && len(s.problems) == 0 {
+			problems = append(problems, problem{at.line, fmt.Sprintf("assignments[%d] (primary %q): no shards listed", at.index, a.Primary)})
+		}
+		if total <= maxExpanded && total+s.size > maxExpanded {
+			problems = append(problems, problem{at.line, fmt.Sprintf("assignments[%d]: the file lists more than %d shards in all, twice the most a topology can have", at.index, maxExpanded)})
+		}
+		total = min(total+s.size, maxExpanded+1)
+	}
+	if len(problems) > 0 {
+		return nil, problems
+	}
+
+	t.Assignments = make([]routing.Assignment, 0, total)
+	for i, a := range f.Assignments {
+		epoch, state := uint64(1), routing.State(a.State)
+		if a.Epoch != nil {
+			epoch = uint64(*a.Epoch)
 		}
 		if state == "" {
 			state = routing.StateServing
 		}
-		for _, s := range a.Shards {
-			t.Assignments = append(t.Assignments, routing.Assignment{
-				Shard: s, Primary: a.Primary, Standbys: append([]string(nil), a.Standbys...), Epoch: epoch, State: state,
-			})
+		for _, r := range sets[i].ranges {
+			for s := r.Lo; s <= r.Hi; s++ {
+				t.Assignments = append(t.Assignments, routing.Assignment{
+					Shard: s, Primary: a.Primary, Standbys: slices.Clone(a.Standbys), Epoch: epoch, State: state,
+				})
+			}
 		}
-	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
 	}
 	return t, nil
 }
@@ -320,16 +311,19 @@ func (f *File) Topology() (*routing.Topology, error) {
 // the same primary, standbys, epoch and state become one range.
 func FromTopology(t *routing.Topology) *File {
 	f := &File{
-		Version:   t.Version,
-		Shards:    t.Shards,
-		ShardRule: RuleFile{Kind: string(t.Rule.Kind), Digits: t.Rule.Digits},
+		Version:   Uint(t.Version),
+		Shards:    Int(t.Shards),
+		ShardRule: RuleFile{Kind: string(t.Rule.Kind)},
 		Zones:     ZonesFile{Default: string(t.Zones.Default)},
 		Safety: SafetyFile{
 			MaxUtilization:            t.Safety.MaxUtilization,
-			MinServingUnits:           t.Safety.MinServingUnits,
-			MaxShardsInFlight:         t.Safety.MaxShardsInFlight,
+			MinServingUnits:           Int(t.Safety.MinServingUnits),
+			MaxShardsInFlight:         Int(t.Safety.MaxShardsInFlight),
 			AllowNoCrossRegionStandby: t.Safety.AllowNoCrossRegionStandby,
 		},
+	}
+	for _, d := range t.Rule.Digits {
+		f.ShardRule.Digits = append(f.ShardRule.Digits, Int(d))
 	}
 	for _, k := range t.Keys {
 		var kf KeyFile
@@ -365,35 +359,14 @@ func FromTopology(t *routing.Topology) *File {
 			j++
 		}
 		a := as[i]
-		set := make(ShardSet, 0, j-i)
-		for k := i; k < j; k++ {
-			set = append(set, as[k].Shard)
-		}
-		f.Assignments = append(f.Assignments, AssignFile{Shards: set, Primary: a.Primary, Standbys: a.Standbys, Epoch: a.Epoch, State: string(a.State)})
+		epoch := Uint(a.Epoch)
+		f.Assignments = append(f.Assignments, AssignFile{
+			Shards:  ShardSet{Ranges: []ShardRange{{as[i].Shard, as[j-1].Shard}}},
+			Primary: a.Primary, Standbys: a.Standbys, Epoch: &epoch, State: string(a.State),
+		})
 		i = j
 	}
 	return f
-}
-
-// MarshalYAML writes a set as "global", "7", "0-16" or "0-3,9".
-func (s ShardSet) MarshalYAML() (any, error) {
-	var parts []string
-	for i := 0; i < len(s); {
-		j := i + 1
-		for s[i] >= 0 && j < len(s) && s[j] == s[j-1]+1 {
-			j++
-		}
-		switch {
-		case s[i] == routing.GlobalShard:
-			parts = append(parts, "global")
-		case j-i == 1:
-			parts = append(parts, strconv.Itoa(s[i]))
-		default:
-			parts = append(parts, fmt.Sprintf("%d-%d", s[i], s[j-1]))
-		}
-		i = j
-	}
-	return strings.Join(parts, ","), nil
 }
 
 // Encode writes t as YAML that Parse reads back to an equal topology.

@@ -209,13 +209,13 @@ func TestParseErrors(t *testing.T) {
 		{"null-document", "---\n~\n", []string{"empty topology"}},
 		{"tab-indent", "version: 1\nregions:\n\t- name: east\n", []string{"tabs", "indent with spaces"}},
 		{"not-a-mapping", "- 1\n- 2\n", []string{"line 1", "cannot unmarshal"}},
-		{"unknown-key", "version: 1\nshards: 4\nregion:\n  - name: east\n", []string{"line 3", "field region not found"}},
-		{"unknown-nested-key", "version: 1\nunits:\n  - name: a\n    capacity: 5\n", []string{"line 4", "field capacity not found"}},
-		{"unknown-zone-key", "version: 1\nzones:\n  rules:\n    - {zone: czone, prefix: /x}\n", []string{"line 4", "field prefix not found"}},
-		{"unknown-safety-key", "version: 1\nsafety:\n  max_util: 0.5\n", []string{"line 3", "field max_util not found"}},
+		{"unknown-key", "version: 1\nshards: 4\nregion:\n  - name: east\n", []string{"line 3: unknown key region at the top level"}},
+		{"unknown-nested-key", "version: 1\nunits:\n  - name: a\n    capacity: 5\n", []string{"line 4: unknown key capacity in a unit"}},
+		{"unknown-zone-key", "version: 1\nzones:\n  rules:\n    - {zone: czone, prefix: /x}\n", []string{"line 4: unknown key prefix in a zone rule"}},
+		{"unknown-safety-key", "version: 1\nsafety:\n  max_util: 0.5\n", []string{"line 3: unknown key max_util in safety"}},
 		{"unknown-key-in-key-source", "version: 1\nkey:\n  - header: x-uid\n    cookei: uid\n", []string{"line 4", "cookei"}},
-		{"wrong-type/shards", "version: 1\nshards: many\n", []string{"line 2", "cannot unmarshal"}},
-		{"wrong-type/version-negative", "version: -1\n", []string{"line 1", "cannot unmarshal"}},
+		{"wrong-type/shards", "version: 1\nshards: many\n", []string{`line 2: shards: want a whole number, got "many"`}},
+		{"wrong-type/version-negative", "version: -1\n", []string{"line 1: version: want a whole number from 0 to"}},
 		{"wrong-type/regions-mapping", "version: 1\nregions: {name: east}\n", []string{"line 2", "cannot unmarshal"}},
 		{"wrong-type/capacity", "version: 1\nunits:\n  - {name: a, capacity_rps: lots}\n", []string{"line 3", "cannot unmarshal"}},
 		{"wrong-type/digits", "version: 1\nshard_rule: {kind: digits, digits: three}\n", []string{"line 2", "cannot unmarshal"}},
@@ -432,20 +432,21 @@ func TestFromTopologyLeavesInputAlone(t *testing.T) {
 }
 
 func TestShardSetMarshal(t *testing.T) {
+	g := routing.GlobalShard
 	tests := []struct {
-		set  topofile.ShardSet
+		set  []topofile.ShardRange
 		want string
 	}{
-		{topofile.ShardSet{7}, "7"},
-		{topofile.ShardSet{0, 1, 2}, "0-2"},
-		{topofile.ShardSet{routing.GlobalShard}, "global"},
-		{topofile.ShardSet{0, 1, 2, 3, 9}, "0-3,9"},
-		{topofile.ShardSet{routing.GlobalShard, 0, 1}, "global,0-1"},
-		{topofile.ShardSet{5, 4}, "5,4"},
-		{topofile.ShardSet{}, ""},
+		{[]topofile.ShardRange{{7, 7}}, "7"},
+		{[]topofile.ShardRange{{0, 2}}, "0-2"},
+		{[]topofile.ShardRange{{g, g}}, "global"},
+		{[]topofile.ShardRange{{0, 3}, {9, 9}}, "0-3,9"},
+		{[]topofile.ShardRange{{g, g}, {0, 1}}, "global,0-1"},
+		{[]topofile.ShardRange{{5, 5}, {4, 4}}, "5,4"},
+		{nil, ""},
 	}
 	for _, tc := range tests {
-		got, err := tc.set.MarshalYAML()
+		got, err := topofile.ShardSet{Ranges: tc.set}.MarshalYAML()
 		if err != nil || got != tc.want {
 			t.Errorf("MarshalYAML(%v) = %v, %v; want %q", tc.set, got, err, tc.want)
 		}
