@@ -338,6 +338,7 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 			return anyLive, cross
 		}
 		aliveBefore := func(u int32) bool { return !a.lost[u] }
+		aliveAfter := a.usable
 		var missing, degraded []string
 		for i := 0; i <= n; i++ {
 			if i == n && !a.hasGlb {
@@ -347,11 +348,11 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 			if a.lost[pi] || a.evac[pi] || a.removed[pi] || busy(i) && !seen[shardAt(i)] {
 				continue // the complete rule reports it, or the plan cannot touch it
 			}
-			name := ShardName(shardAt(i))
-			anyAfter, crossAfter := cover(pi, a.standbys[i], a.usable)
+			anyAfter, crossAfter := cover(pi, a.standbys[i], aliveAfter)
 			if crossAfter {
 				continue
 			}
+			name := ShardName(shardAt(i))
 			rs := regions[a.units[pi].Kind]
 			if len(rs) > 1 || len(rs) == 1 && !rs[a.units[pi].Region] {
 				missing = append(missing, name)
