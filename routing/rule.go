@@ -126,7 +126,15 @@ func (r *ShardRule) shardOf(key string, n int) (int, error) {
 		m := uint64(n)
 		var v uint64
 		if len(key) <= 19 { // fits in a uint64: one division
-			for i := 0; i < len(key); i++ {
+			i := 0
+			for ; len(key)-i >= 8; i += 8 {
+				chunk, ok := eightDigits(key[i : i+8])
+				if !ok {
+					return 0, ErrNonNumericKey
+				}
+				v = v*1e8 + chunk
+			}
+			for ; i < len(key); i++ {
 				c := key[i] - '0'
 				if c > 9 {
 					return 0, ErrNonNumericKey
@@ -150,6 +158,20 @@ func (r *ShardRule) shardOf(key string, n int) (int, error) {
 		}
 		return int(v), nil
 	}
+}
+
+// eightDigits parses 8 decimal digits at once (SWAR, after Lemire's
+// parse_eight_digits_unrolled); ok is false when any byte is not a digit.
+func eightDigits(s string) (v uint64, ok bool) {
+	x := uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24 |
+		uint64(s[4])<<32 | uint64(s[5])<<40 | uint64(s[6])<<48 | uint64(s[7])<<56
+	if (x&0xF0F0F0F0F0F0F0F0)|((x+0x0606060606060606)&0xF0F0F0F0F0F0F0F0)>>4 != 0x3333333333333333 {
+		return 0, false
+	}
+	x -= 0x3030303030303030
+	x = x*10 + x>>8
+	x = ((x&0x000000FF000000FF)*(100+1000000<<32) + (x>>16&0x000000FF000000FF)*(1+10000<<32)) >> 32
+	return x, true
 }
 
 func numeric(s string) bool {

@@ -258,3 +258,38 @@ func TestShardMapShardOf(t *testing.T) {
 		t.Errorf("example: ShardOf(2088123456789) = %d, %v; want 89", got, err)
 	}
 }
+
+// TestModEveryByte puts every byte value at every position of a 13- and a
+// 19-digit id: digits must give the big-integer remainder, anything else
+// ErrNonNumericKey (the mod rule reads 8 digits at a time).
+func TestModEveryByte(t *testing.T) {
+	rule := routing.ShardRule{Kind: routing.RuleMod}
+	for _, base := range []string{"2088123456789", "9999999999999999999"} {
+		for pos := range len(base) {
+			for c := range 256 {
+				key := []byte(base)
+				key[pos] = byte(c)
+				got, err := rule.ShardOf(string(key), 97)
+				if c < '0' || c > '9' {
+					if !errors.Is(err, routing.ErrNonNumericKey) {
+						t.Fatalf("key %q: shard %d, err %v; want ErrNonNumericKey", key, got, err)
+					}
+					continue
+				}
+				want := new(big.Int).Mod(mustBig(t, string(key)), big.NewInt(97)).Int64()
+				if err != nil || int64(got) != want {
+					t.Fatalf("key %q: shard %d, err %v; want %d", key, got, err, want)
+				}
+			}
+		}
+	}
+}
+
+func mustBig(t *testing.T, s string) *big.Int {
+	t.Helper()
+	v, ok := new(big.Int).SetString(s, 10)
+	if !ok {
+		t.Fatalf("not a number: %q", s)
+	}
+	return v
+}

@@ -284,10 +284,10 @@ func (m *ShardMap) Zone(r *Request) (Zone, bool) {
 // Errors are *KeyError (no key and no local unit, non-numeric key under mod
 // or digits, key too long, ambiguous, bad encoding), *UnknownShardError, or
 // ErrNoLocalUnit. It does not allocate when the key needs no unescaping.
-func (m *ShardMap) Decide(r *Request) (Decision, error) {
-	zone, write := m.Zone(r)
-	d := Decision{Shard: GlobalShard, Zone: zone, Write: write}
-	switch zone {
+func (m *ShardMap) Decide(r *Request) (d Decision, err error) {
+	d.Zone, d.Write = m.Zone(r)
+	d.Shard = GlobalShard
+	switch d.Zone {
 	case KindGZone:
 		s, err := m.slot(GlobalShard)
 		if err != nil {
