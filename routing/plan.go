@@ -472,8 +472,8 @@ func (m *ShardMap) hasRegion(r string) bool {
 }
 
 // EvacuateRegion plans moving every shard (and the gzone writer) whose
-// primary is in region to a standby in another region. The region's units stay as
-// standbys, so a restore can move shards back without a copy.
+// primary is in region to a standby in another region. The region's units
+// stay as standbys, so a restore can move shards back without a copy.
 func EvacuateRegion(m *ShardMap, region string, obs Observed) (*Plan, error) {
 	if !m.hasRegion(region) {
 		return nil, planErr(ErrUnknown, "region %q is not in the topology", region)
@@ -505,9 +505,10 @@ func EvacuateUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
 }
 
 // FailUnits plans the failover of lost units: every shard they lead moves to
-// its first live standby with headroom, and they are dropped from every
-// standby list (with a new standby where a shard would keep none in another
-// region).
+// its first live standby with headroom, and they are dropped from standby
+// lists (with a new standby where a shard would keep none in another region)
+// unless a lost unit is a shard's only copy elsewhere. Shards with no live
+// copy, or draining or blocked, stay where they are with a warning.
 func FailUnits(m *ShardMap, lost []string, obs Observed) (*Plan, error) {
 	if len(lost) == 0 {
 		return nil, planErr(nil, "no lost unit given")

@@ -13,16 +13,33 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
+type decideCase struct {
+	name string
+	req  *routing.Request
+	want routing.Decision
+}
+
+func runDecideCases(t *testing.T, m *routing.ShardMap, tests []decideCase) {
+	t.Helper()
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := m.Decide(tc.req)
+			if err != nil {
+				t.Fatalf("Decide: %v", err)
+			}
+			if diff := cmp.Diff(tc.want, got); diff != "" {
+				t.Errorf("Decide (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
 func TestDecide(t *testing.T) {
 	m := mustCompile(t, validTopology())
 	uid := func(method, path, uid, local string) *routing.Request {
 		return &routing.Request{Method: method, Path: path, Header: header("X-Cellmesh-Uid", uid), LocalUnit: local}
 	}
-	tests := []struct {
-		name string
-		req  *routing.Request
-		want routing.Decision
-	}{
+	tests := []decideCase{
 		{"rzone/read", uid("GET", "/v1/orders", "4", "west-1"),
 			routing.Decision{Shard: 0, Zone: routing.KindRZone, Unit: "east-1", Region: "east", Epoch: 1, State: routing.StateServing, Key: "4"}},
 		{"rzone/write", uid("POST", "/v1/orders", "6", "east-1"),
@@ -46,26 +63,12 @@ func TestDecide(t *testing.T) {
 		{"czone/region-without-czone-gzone-local", uid("GET", "/v1/config/fx", "", "west-g"),
 			routing.Decision{Shard: routing.GlobalShard, Zone: routing.KindCZone, Unit: "west-g", Region: "west", State: routing.StateServing}},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := m.Decide(tc.req)
-			if err != nil {
-				t.Fatalf("Decide: %v", err)
-			}
-			if diff := cmp.Diff(tc.want, got); diff != "" {
-				t.Errorf("Decide (-want +got):\n%s", diff)
-			}
-		})
-	}
+	runDecideCases(t, m, tests)
 }
 
 func TestDecideExample(t *testing.T) {
 	m := mustCompile(t, exampleTopology(t))
-	tests := []struct {
-		name string
-		req  *routing.Request
-		want routing.Decision
-	}{
+	tests := []decideCase{
 		{"header", &routing.Request{Method: "POST", Path: "/v1/transfers", Header: header("X-Cellmesh-Uid", "2088123456789"), LocalUnit: "us-east-1"},
 			routing.Decision{Shard: 89, Zone: routing.KindRZone, Unit: "ap-south-2", Region: "ap-south", Epoch: 1, State: routing.StateServing, Write: true, Key: "2088123456789"}},
 		{"path", &routing.Request{Method: "GET", Path: "/v1/users/2088123456717/orders", LocalUnit: "us-east-1"},
@@ -77,17 +80,7 @@ func TestDecideExample(t *testing.T) {
 		{"quote-is-a-czone-read", &routing.Request{Method: "POST", Path: "/v1/fx/usd/quote", LocalUnit: "ap-south-1"},
 			routing.Decision{Shard: routing.GlobalShard, Zone: routing.KindCZone, Unit: "ap-south-c", Region: "ap-south", State: routing.StateServing}},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := m.Decide(tc.req)
-			if err != nil {
-				t.Fatalf("Decide: %v", err)
-			}
-			if diff := cmp.Diff(tc.want, got); diff != "" {
-				t.Errorf("Decide (-want +got):\n%s", diff)
-			}
-		})
-	}
+	runDecideCases(t, m, tests)
 }
 
 // Every rzone decision agrees with Lookup of its shard.
