@@ -25,6 +25,10 @@ type Observed struct {
 	// LoadRPS is the measured request rate per unit. A unit without a figure
 	// counts as 0 rps, and the capacity rule says so.
 	LoadRPS map[string]float64
+	// Lost are units known to be down: no plan makes them primary or counts
+	// them as a live copy. A topology file does not record health, so a
+	// later plan must be told again.
+	Lost []string
 }
 
 // Move changes one shard: its primary (From -> To, epoch+1), its standbys,
@@ -141,10 +145,8 @@ type planner struct {
 	gLoad     float64
 	count     []int // primaries per unit, updated
 
-	cursor    map[Kind]int            // round-robin over units for new standbys
-	live      map[Kind]map[string]int // usable units per kind and region
-	liveTotal map[Kind]int
-	moved     map[int]int // shard -> index in plan.Moves
+	cursor map[Kind]int // round-robin over units for new standbys
+	moved  map[int]int  // shard -> index in plan.Moves
 }
 
 func newPlanner(m *ShardMap, kind PlanKind, target string, obs Observed, extra *Unit) *planner {
@@ -316,7 +318,7 @@ func (p *planner) fixStandbys(shard int, newPrimary int32, keep int32) []int32 {
 		consider(s)
 	}
 	consider(keep)
-	if !p.hasLiveCross(newPrimary, live) {
+	if !p.allowSameRegion() && !p.hasLiveCross(newPrimary, live) {
 		if u := p.nextStandby(p.kindOf(shard), newPrimary, append(live, lost...), true); u >= 0 {
 			live = append(live, u)
 		}
@@ -327,7 +329,7 @@ func (p *planner) fixStandbys(shard int, newPrimary int32, keep int32) []int32 {
 		}
 	}
 	region := p.units[newPrimary].Region
-	if !p.hasLiveCross(newPrimary, live) {
+	if !p.allowSameRegion() && !p.hasLiveCross(newPrimary, live) {
 		for _, s := range lost {
 			if p.units[s].Region != region {
 				live = append(live, s)
@@ -358,43 +360,33 @@ func (p *planner) hasLiveCross(primary int32, sbs []int32) bool {
 }
 
 // standbysOK reports whether a shard that keeps its primary can keep its
-// standbys: none is removed or lost, one is in another region (or no live
-// unit is), and there is one (or no other live unit exists).
-func (p *planner) standbysOK(shard int, primary int32, sbs []int32) bool {
-	anyLive := false
+// standbys as they are: the plan concerns them only when one is lost or
+// removed. Shards the plan has nothing to do with are never rewritten.
+func (p *planner) standbysOK(sbs []int32) bool {
 	for _, s := range sbs {
 		if p.removed[s] || p.lost[s] {
 			return false // fixStandbys decides whether a lost unit stays
 		}
-		anyLive = true
 	}
-	kind := p.kindOf(shard)
-	live := p.liveRegions()[kind]
-	region := p.units[primary].Region
-	crossPossible := len(live) > 1 || len(live) == 1 && live[region] == 0
-	if crossPossible && !p.hasLiveCross(primary, sbs) {
-		return false
-	}
-	othersLive := p.liveTotal[kind]
-	if p.usable(primary) {
-		othersLive--
-	}
-	return anyLive || othersLive <= 0
+	return true
 }
 
-// liveRegions counts usable units per kind and region; computed once.
-func (p *planner) liveRegions() map[Kind]map[string]int {
-	if p.live == nil {
-		p.live = map[Kind]map[string]int{KindRZone: {}, KindGZone: {}, KindCZone: {}}
-		p.liveTotal = map[Kind]int{}
-		for i, u := range p.units {
-			if p.usable(int32(i)) {
-				p.live[u.Kind][u.Region]++
-				p.liveTotal[u.Kind]++
-			}
+func (p *planner) allowSameRegion() bool { return p.m.topo.Safety.AllowNoCrossRegionStandby }
+
+// markLost takes units known to be lost (Observed.Lost, or a failover's
+// targets) out of leading and of data-safe targets.
+func (p *planner) markLost(names []string) error {
+	for _, name := range names {
+		u, ok := p.m.unitIndex[name]
+		if !ok {
+			return planErr(ErrUnknown, "lost unit %q is not in the topology", name)
+		}
+		if !p.lost[u] {
+			p.lost[u] = true
+			p.plan.Lost = append(p.plan.Lost, name)
 		}
 	}
-	return p.live
+	return nil
 }
 
 // nextStandby picks, round robin, a usable unit of the kind that is not the
@@ -446,7 +438,7 @@ func (p *planner) moveAway() {
 			p.set(shard, to, p.fixStandbys(shard, to, pri), false)
 			continue
 		}
-		if !p.standbysOK(shard, pri, sbs) {
+		if !p.standbysOK(sbs) {
 			p.set(shard, pri, p.fixStandbys(shard, pri, -1), false)
 		}
 	}
@@ -479,6 +471,9 @@ func EvacuateRegion(m *ShardMap, region string, obs Observed) (*Plan, error) {
 		return nil, planErr(ErrUnknown, "region %q is not in the topology", region)
 	}
 	p := newPlanner(m, PlanEvacuateRegion, region, obs, nil)
+	if err := p.markLost(obs.Lost); err != nil {
+		return nil, err
+	}
 	for _, u := range m.unitsOf(region) {
 		p.evac[u] = true
 		p.plan.Evacuated = append(p.plan.Evacuated, m.units[u].Name)
@@ -498,6 +493,9 @@ func EvacuateUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
 		return nil, planErr(nil, "unit %q is a czone unit: it holds a read copy and no shards, so there is nothing to evacuate; to stop routing to it, remove it (plan remove-unit)", unit)
 	}
 	p := newPlanner(m, PlanEvacuateUnit, unit, obs, nil)
+	if err := p.markLost(obs.Lost); err != nil {
+		return nil, err
+	}
 	p.evac[u] = true
 	p.plan.Evacuated = []string{unit}
 	p.moveAway()
@@ -519,14 +517,12 @@ func FailUnits(m *ShardMap, lost []string, obs Observed) (*Plan, error) {
 	}
 	p := newPlanner(m, PlanFail, target, obs, nil)
 	for _, name := range lost {
-		u, ok := m.unitIndex[name]
-		if !ok {
+		if _, ok := m.unitIndex[name]; !ok {
 			return nil, planErr(ErrUnknown, "unit %q is not in the topology", name)
 		}
-		if !p.lost[u] {
-			p.lost[u] = true
-			p.plan.Lost = append(p.plan.Lost, name)
-		}
+	}
+	if err := p.markLost(append(slices.Clone(lost), obs.Lost...)); err != nil {
+		return nil, err
 	}
 	p.moveAway()
 	return p.finish()
@@ -561,6 +557,9 @@ func RemoveUnit(m *ShardMap, unit string, obs Observed) (*Plan, error) {
 		return nil, planErr(ErrUnknown, "unit %q is not in the topology", unit)
 	}
 	p := newPlanner(m, PlanRemoveUnit, unit, obs, nil)
+	if err := p.markLost(obs.Lost); err != nil {
+		return nil, err
+	}
 	p.removed[u] = true
 	p.plan.RemoveUnit = unit
 	p.moveAway()
@@ -588,6 +587,9 @@ func AddUnit(m *ShardMap, u Unit, obs Observed) (*Plan, error) {
 		if !ValidName(u.Region) {
 			ps.add(regionSubject(u.Region), "invalid name: use 1-63 lowercase letters, digits and '-', starting with a letter")
 		}
+		if _, clash := m.unitIndex[u.Region]; clash || u.Region == u.Name {
+			ps.add(regionSubject(u.Region), "has the name of a unit; give regions their own names")
+		}
 		newRegion = u.Region
 		regions[u.Region] = true
 	}
@@ -605,15 +607,22 @@ func AddUnit(m *ShardMap, u Unit, obs Observed) (*Plan, error) {
 	}
 	p := newPlanner(m, PlanAddUnit, u.Name, obs, &u)
 	p.plan.AddRegion = newRegion
+	if err := p.markLost(obs.Lost); err != nil {
+		return nil, err
+	}
 	if u.Kind == KindRZone {
 		p.rebalanceTo(int32(len(p.units) - 1))
 	}
-	for shard := GlobalShard; shard < m.n; shard++ {
-		if shard == GlobalShard && !m.hasGlb || p.busy(shard) {
+	// The new unit becomes the standby in another region of shards that
+	// have none: a valid topology lacks one only where no region could
+	// hold it, which the new unit has changed.
+	nu := int32(len(p.units) - 1)
+	for shard := GlobalShard; shard < m.n && !p.allowSameRegion(); shard++ {
+		if shard == GlobalShard && !m.hasGlb || p.busy(shard) || p.kindOf(shard) != u.Kind {
 			continue
 		}
-		if pri, sbs := p.get(shard); !p.standbysOK(shard, pri, sbs) {
-			p.set(shard, pri, p.fixStandbys(shard, pri, -1), false)
+		if pri, sbs := p.get(shard); !p.hasLiveCross(pri, sbs) && p.units[pri].Region != u.Region {
+			p.set(shard, pri, append(slices.Clone(sbs), nu), false)
 		}
 	}
 	return p.finish()
@@ -655,7 +664,7 @@ func (p *planner) rebalanceTo(nu int32) {
 		list := owned[d.u]
 		s := list[len(list)-1]
 		owned[d.u] = list[:len(list)-1]
-		p.set(s, nu, p.fixStandbys(s, nu, -1), true)
+		p.set(s, nu, p.fixStandbys(s, nu, p.primary[s]), true) // the old primary holds the data: it stays a standby
 		if len(owned[d.u]) > 0 {
 			d.surplus--
 			heap.Push(h, d)

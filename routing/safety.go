@@ -267,7 +267,7 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 			worst, worstRatio = int32(i), r
 		}
 		if load[i] > limit+1e-9 {
-			over = append(over, fmt.Sprintf("%s would carry %.0f rps, %.0f%% of its %.0f rps capacity", a.units[i].Name, load[i], 100*r, a.units[i].CapacityRPS))
+			over = append(over, fmt.Sprintf("%s would carry %.0f rps, %.1f%% of its %.0f rps capacity", a.units[i].Name, load[i], 100*r, a.units[i].CapacityRPS))
 		}
 	}
 	note := ""
@@ -278,7 +278,7 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 	case len(over) > 0:
 		add(RuleCapacity, false, "%s; the limit is %.0f%%%s", list(over), 100*safety.MaxUtilization, note)
 	case worst >= 0:
-		add(RuleCapacity, true, "busiest target %s at %.0f of %.0f rps (%.0f%% <= %.0f%%)%s", a.units[worst].Name, load[worst], a.units[worst].CapacityRPS, 100*worstRatio, 100*safety.MaxUtilization, note)
+		add(RuleCapacity, true, "busiest target %s at %.0f of %.0f rps (%.1f%% <= %.0f%%)%s", a.units[worst].Name, load[worst], a.units[worst].CapacityRPS, 100*worstRatio, 100*safety.MaxUtilization, note)
 	default:
 		add(RuleCapacity, true, "no unit takes on load%s", note)
 	}
@@ -337,16 +337,38 @@ func CheckPlan(m *ShardMap, p *Plan, obs Observed) []RuleResult {
 			}
 			return anyLive, cross
 		}
-		aliveBefore := func(u int32) bool { return !a.lost[u] }
+		// Before the plan (and before any loss it fails over), every
+		// listed standby counted.
+		aliveBefore := func(int32) bool { return true }
 		aliveAfter := a.usable
 		var missing, degraded []string
+		declared := map[Kind]map[string]bool{KindRZone: {}, KindGZone: {}}
+		for i, u := range a.units {
+			if !a.removed[i] && declared[u.Kind] != nil {
+				declared[u.Kind][u.Region] = true
+			}
+		}
+		declaredElsewhere := func(pu int32) bool {
+			rs := declared[a.units[pu].Kind]
+			return len(rs) > 1 || len(rs) == 1 && !rs[a.units[pu].Region]
+		}
 		for i := 0; i <= n; i++ {
 			if i == n && !a.hasGlb {
 				break
 			}
 			pi := a.primary[i]
-			if a.lost[pi] || a.evac[pi] || a.removed[pi] || busy(i) && !seen[shardAt(i)] {
-				continue // the complete rule reports it, or the plan cannot touch it
+			if a.lost[pi] || a.evac[pi] || a.removed[pi] {
+				continue // the complete rule reports it
+			}
+			if busy(i) && !seen[shardAt(i)] {
+				// The plan cannot touch it; it must still have a standby in
+				// another region wherever the topology declares a unit of its
+				// kind there (a new region can take that away).
+				if declaredElsewhere(pi) && !slices.ContainsFunc(a.standbys[i], func(sb int32) bool { return a.units[sb].Region != a.units[pi].Region }) {
+					sl, _ := m.slot(shardAt(i))
+					missing = append(missing, fmt.Sprintf("%s (%s, so the plan cannot give it one)", ShardName(shardAt(i)), sl.state))
+				}
+				continue
 			}
 			anyAfter, crossAfter := cover(pi, a.standbys[i], aliveAfter)
 			if crossAfter {

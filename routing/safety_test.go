@@ -38,7 +38,7 @@ func TestSafetyRules(t *testing.T) {
 			// ap-south-1 takes shards 34-43 up to its limit; us-east-1, the
 			// second standby, has no room either: the rest overflow ap-south-1.
 			obs:  routing.Observed{LoadRPS: map[string]float64{"eu-west-1": 17000, "ap-south-1": 10000, "us-east-1": 31500}},
-			plan: evacEU, rule: routing.RuleCapacity, detail: "ap-south-1 would carry 27000 rps, 108% of its 25000 rps capacity",
+			plan: evacEU, rule: routing.RuleCapacity, detail: "ap-south-1 would carry 27000 rps, 108.0% of its 25000 rps capacity",
 		},
 		{
 			name: "min_serving_units",
@@ -418,4 +418,82 @@ func TestAddUnitNewRegion(t *testing.T) {
 			t.Errorf("shard %d on %s has no standby in another region: %v", s, o.Unit, o.Standbys)
 		}
 	}
+}
+
+// TestReviewRegressions pins planner defects a review found.
+func TestReviewRegressions(t *testing.T) {
+	t.Run("busy-shard-without-standby-in-new-region", func(t *testing.T) {
+		tp := twoRegionTopology()
+		tp.Regions, tp.Units = tp.Regions[:1], tp.Units[:2]
+		for s := range 4 {
+			tp.Assignments[s].Standbys = []string{"a-2"}
+		}
+		tp.Assignments[2].State = routing.StateDraining
+		m := mustCompile(t, tp)
+		p, err := routing.AddUnit(m, routing.Unit{Name: "b-1", Region: "b", CapacityRPS: 100}, routing.Observed{})
+		var re *routing.RefusedError
+		if !errors.As(err, &re) || !strings.Contains(rule(p, routing.RuleCrossRegionSby).Detail, "shard 2 (draining, so the plan cannot give it one)") {
+			t.Fatalf("want a cross-region refusal naming draining shard 2, got %v\n%s", err, p.Text())
+		}
+	})
+	t.Run("allow-flag-leaves-unconcerned-shards", func(t *testing.T) {
+		tp := twoRegionTopology()
+		tp.Safety.AllowNoCrossRegionStandby = true
+		for s := range 4 {
+			tp.Assignments[s].Standbys = []string{"a-2"}
+		}
+		m := mustCompile(t, tp)
+		p, err := routing.EvacuateUnit(m, "b-1", routing.Observed{}) // b-1 leads nothing
+		if err != nil || len(p.Moves) != 0 {
+			t.Fatalf("evacuating a unit that leads nothing: %v, %d moves\n%s", err, len(p.Moves), p.Text())
+		}
+	})
+	t.Run("failover-warns-survivor-without-live-standby", func(t *testing.T) {
+		m := mustCompile(t, twoRegionTopology())
+		p, err := routing.FailUnits(m, []string{"b-1", "a-2"}, routing.Observed{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := rule(p, routing.RuleCrossRegionSby); !r.Warning || !strings.Contains(r.Detail, "shard 0 loses its last live standby") {
+			t.Fatalf("cross-region rule = %+v, want a warning for shard 0", r)
+		}
+	})
+	t.Run("new-region-named-like-a-unit", func(t *testing.T) {
+		m := mustCompile(t, exampleTopology(t))
+		var pe *routing.PlanError
+		if _, err := routing.AddUnit(m, routing.Unit{Name: "zz-1", Region: "us-east-1", CapacityRPS: 1}, routing.Observed{}); !errors.As(err, &pe) || !strings.Contains(err.Error(), "has the name of a unit") {
+			t.Fatalf("got %v, want a PlanError about the region's name", err)
+		}
+	})
+	t.Run("epoch-at-the-cap", func(t *testing.T) {
+		tp := exampleTopology(t)
+		tp.Assignments[0].Epoch = routing.MaxCounter
+		if err := tp.Validate(); err == nil || !strings.Contains(err.Error(), "must stay below 2^62") {
+			t.Fatalf("Validate = %v, want the epoch refused", err)
+		}
+	})
+	t.Run("add-unit-keeps-old-primary-as-standby", func(t *testing.T) {
+		m := mustCompile(t, exampleTopology(t))
+		p, err := routing.AddUnit(m, routing.Unit{Name: "us-east-3", Region: "us-east", CapacityRPS: 40000}, routing.Observed{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mv := range p.Moves {
+			if !slices.Contains(mv.Standbys, mv.From) {
+				t.Errorf("%s: %s -> %s dropped the old primary from its standbys %v", routing.ShardName(mv.Shard), mv.From, mv.To, mv.Standbys)
+			}
+		}
+	})
+	t.Run("lost-units-never-lead", func(t *testing.T) {
+		m := mustCompile(t, exampleTopology(t))
+		p, err := routing.EvacuateUnit(m, "us-east-1", routing.Observed{Lost: []string{"eu-west-1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mv := range p.Moves {
+			if mv.To == "eu-west-1" || slices.Contains(mv.Standbys[:1], "eu-west-1") {
+				t.Errorf("%s: lost eu-west-1 leads or is the first standby: %+v", routing.ShardName(mv.Shard), mv)
+			}
+		}
+	})
 }

@@ -232,8 +232,8 @@ func (t *Topology) Validate() error {
 	}
 	if t.Version == 0 {
 		ps.add("version", "version must be 1 or more")
-	} else if t.Version > MaxCounter {
-		ps.add("version", "version %d is too large (the limit is 2^62, so that it can always rise)", t.Version)
+	} else if t.Version >= MaxCounter {
+		ps.add("version", "version %d is too large (it must stay below 2^62, so that it can always rise)", t.Version)
 	}
 	t.Rule.validate(n, &ps)
 	validateKeys(t.Keys, &ps)
@@ -393,8 +393,8 @@ func validateAssignment(a *Assignment, want Kind, units map[string]*Unit, kindRe
 	subj := ShardName(a.Shard)
 	if a.Epoch == 0 {
 		ps.add(subj, "epoch must be 1 or more")
-	} else if a.Epoch > MaxCounter {
-		ps.add(subj, "epoch %d is too large (the limit is 2^62, so that it can always rise)", a.Epoch)
+	} else if a.Epoch >= MaxCounter {
+		ps.add(subj, "epoch %d is too large (it must stay below 2^62, so that it can always rise)", a.Epoch)
 	}
 	if !a.State.valid() {
 		ps.add(subj, "state %q is unknown (want serving, draining or blocked)", a.State)

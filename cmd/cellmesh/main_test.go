@@ -832,7 +832,7 @@ func TestPlanRefused(t *testing.T) {
 		[]string{"  BROKEN capacity-headroom ", "result: refused; nothing was changed\n"},
 		[]string{
 			"cellmesh plan evacuate: plan evacuate-unit us-east-1 refused: ",
-			"capacity-headroom: eu-west-1 would carry 63000 rps, 210% of its 30000 rps capacity; the limit is 80%",
+			"capacity-headroom: eu-west-1 would carry 63000 rps, 210.0% of its 30000 rps capacity; the limit is 80%",
 		})
 	if n := strings.Count(r.stdout, "BROKEN"); n != 1 {
 		t.Errorf("%d rules broken, want only capacity-headroom\n%s", n, r)
@@ -1457,4 +1457,24 @@ func TestTopologyValidateShapeProblemsAtOnce(t *testing.T) {
 	path := writeFile(t, t.TempDir(), "shape.yaml", "version: 1\nkey:\n  - {header: a, cookie: b}\nassignments:\n  - {shards: 99-5, primary: a-1}\n  - {shards: x, primary: a-1}\n")
 	r := runCLI(t, "topology", "validate", path)
 	wantRun(t, r, exitError, []string{"invalid, 3 problem(s)", "line 3", "line 5", "line 6"}, nil)
+}
+
+// A topology file records no health: --lost tells a later plan which units
+// are down, so an evacuation never promotes one.
+func TestPlanLost(t *testing.T) {
+	// Shards 0-16 on us-east-1, standbys eu-west-1 then ap-south-1.
+	r := runCLI(t, "plan", "evacuate", "--unit", "us-east-1", "--topology", exampleTopology, "--lost", "eu-west-1")
+	wantRun(t, r, exitOK, []string{"lost: eu-west-1\n", "shard 0     us-east-1 -> ap-south-1"}, nil)
+	if strings.Contains(r.stdout, "-> eu-west-1") {
+		t.Errorf("a lost unit was made primary:\n%s", r)
+	}
+	r = runCLI(t, "plan", "evacuate", "--unit", "us-east-1", "--topology", exampleTopology, "--lost", "mars-1")
+	wantRun(t, r, exitError, nil, []string{`lost unit "mars-1" is not in the topology`})
+}
+
+func TestCLIEmptyWriteTopologyAndBadKeyHeader(t *testing.T) {
+	r := runCLI(t, "plan", "evacuate", "--unit", "us-east-1", "--topology", exampleTopology, "--write-topology", "")
+	wantRun(t, r, exitUsage, nil, []string{"--write-topology needs a file name"})
+	r = runCLI(t, "route", "--topology", exampleTopology, "--uid", "12", "--key-header", "bad header")
+	wantRun(t, r, exitError, nil, []string{`--key-header "bad header" is not a valid HTTP header name`})
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -70,6 +71,8 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	dryRun := fs.Bool("dry-run", false, "print the plan and the rules it passes, write nothing (refused with --write-topology)")
 	var loads listFlag
 	fs.Var(&loads, "load", "measured load of a unit as UNIT=RPS (repeatable or comma-separated); units without one count as 0 rps")
+	var lostUnits listFlag
+	fs.Var(&lostUnits, "lost", "units known to be down (repeatable or comma-separated): never made primary nor counted as a live copy; a topology file does not record health")
 	var region, unit, name onceFlag
 	var units listFlag
 	var unitKind *string
@@ -98,6 +101,11 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	if *topo == "" {
 		return usagef(stderr, cmd, "--topology is required")
 	}
+	writeSet := false
+	fs.Visit(func(f *flag.Flag) { writeSet = writeSet || f.Name == "write-topology" })
+	if writeSet && *writeTo == "" {
+		return usagef(stderr, cmd, "--write-topology needs a file name")
+	}
 	if *dryRun && *writeTo != "" {
 		return usagef(stderr, cmd, "--dry-run writes nothing; drop one of them")
 	}
@@ -114,6 +122,7 @@ func runPlan(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return failf(stderr, cmd, "%v", err)
 	}
+	obs.Lost = lostUnits
 	m, code := loadMap(*topo, cmd, stderr)
 	if m == nil {
 		return code

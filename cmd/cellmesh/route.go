@@ -96,6 +96,9 @@ func buildRequest(m *routing.ShardMap, uid, keyHeader, method, path, from string
 	if !isToken(method) {
 		return nil, fmt.Errorf("--method %q is not an HTTP method", method)
 	}
+	if keyHeader != "" && !isToken(keyHeader) {
+		return nil, fmt.Errorf("--key-header %q is not a valid HTTP header name", keyHeader)
+	}
 	if from != "" {
 		if _, ok := m.Unit(from); !ok {
 			return nil, fmt.Errorf("--from: unit %q is not in the topology", from)
