@@ -170,13 +170,9 @@ func (k *keySource) extract(r *Request) (string, error) {
 			if err != nil {
 				return "", err
 			}
-			if c == "" {
-				continue
+			if v, err = merge(v, c); err != nil {
+				return "", err
 			}
-			if v != "" && v != c {
-				return "", ErrAmbiguousKey
-			}
-			v = c
 		}
 		return v, nil
 	case KeyQuery:
@@ -195,17 +191,25 @@ func single(vs []string) (string, error) {
 		return trim(vs[0]), nil
 	}
 	var v string
+	var err error
 	for _, o := range vs {
-		o = trim(o)
-		if o == "" {
-			continue
+		if v, err = merge(v, trim(o)); err != nil {
+			return "", err
 		}
-		if v != "" && o != v {
-			return "", ErrAmbiguousKey
-		}
-		v = o
 	}
 	return v, nil
+}
+
+// merge adds one more value of a key source to the value found so far:
+// empty values count as absent, and two different ones are ambiguous.
+func merge(have, next string) (string, error) {
+	switch {
+	case next == "" || next == have:
+		return have, nil
+	case have == "":
+		return next, nil
+	}
+	return "", ErrAmbiguousKey
 }
 
 // trim removes surrounding white space; header values usually have none.
@@ -218,8 +222,7 @@ func trim(s string) string {
 
 // cookieValue finds name in one Cookie header line ("a=1; b=2"). The same
 // name twice with different values is ambiguous, as across lines.
-func cookieValue(line, name string) (string, error) {
-	var found string
+func cookieValue(line, name string) (found string, err error) {
 	for line != "" {
 		var part string
 		part, line, _ = strings.Cut(line, ";")
@@ -232,22 +235,16 @@ func cookieValue(line, name string) (string, error) {
 		if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
 			v = v[1 : len(v)-1]
 		}
-		if v == "" {
-			continue
+		if found, err = merge(found, v); err != nil {
+			return "", err
 		}
-		if found != "" && found != v {
-			return "", ErrAmbiguousKey
-		}
-		found = v
 	}
 	return found, nil
 }
 
 // queryValue finds name in a raw query and unescapes its value. Two different
 // values for the name are ambiguous.
-func queryValue(q, name string) (string, error) {
-	var v string
-	found := false
+func queryValue(q, name string) (v string, err error) {
 	for q != "" {
 		var part string
 		part, q, _ = strings.Cut(q, "&")
@@ -265,13 +262,9 @@ func queryValue(q, name string) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("query parameter %q: %w", name, err)
 		}
-		if val == "" {
-			continue // an empty value is no key, as for cookies
+		if v, err = merge(v, val); err != nil {
+			return "", err
 		}
-		if found && val != v {
-			return "", ErrAmbiguousKey
-		}
-		v, found = val, true
 	}
 	return v, nil
 }
