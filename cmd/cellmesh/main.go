@@ -35,7 +35,9 @@ func commands() []command {
 	return []command{
 		{"route", "print where a request goes: shard, zone, unit, region, epoch", runRoute},
 		{"topology", "check a topology file (topology validate FILE)", runTopology},
+		{"sidecar", "run the sidecar beside a service instance (sidecar --config FILE)", runSidecar},
 		{"plan", "compute a plan (evacuate, fail, add-unit, remove-unit) and check it against the safety rules", runPlan},
+		{"certs", "make the mesh CA (certs init) and workload certificates (certs issue)", runCerts},
 	}
 }
 

@@ -1,0 +1,273 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/cellmesh/cellmesh/internal/meshtls"
+	"github.com/cellmesh/cellmesh/routing"
+	"github.com/quic-go/quic-go/http3"
+)
+
+// serveInbound takes a request from a peer sidecar (its certificate was
+// checked in the handshake), fences it against this sidecar's map and
+// hands it to the local app.
+//
+// No request arrives as 0-RTT early data: the QUIC listener refuses early
+// data, so a replayed write can never reach the app.
+func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	sw := &statusWriter{ResponseWriter: w}
+	id := s.cfg.Identity
+	rt := &route{direction: "inbound", service: id.Service, unit: id.Unit, region: id.Region,
+		shard: routing.GlobalShard, shadow: r.Header.Get(hdrShadow) == "1"}
+	s.m.inflight.WithLabelValues(rt.direction).Inc()
+	defer func() {
+		s.m.inflight.WithLabelValues(rt.direction).Dec()
+		s.m.observe(rt.direction, rt.service, rt.src, id.Unit, rt.zone, sw.code(), rt.shadow, time.Since(start))
+	}()
+	rh := sw.Header()
+	rh[hdrUnit] = []string{id.Unit}
+	rh[hdrRegion] = []string{id.Region}
+
+	if r.TLS == nil {
+		answer(sw, http.StatusForbidden, "no-identity", "inbound requests must come over mutual TLS from a mesh sidecar")
+		return
+	}
+	peer, err := meshtls.PeerID(r.TLS.PeerCertificates)
+	if err != nil {
+		answer(sw, http.StatusForbidden, "no-identity", "peer certificate: "+err.Error())
+		return
+	}
+	rt.src = peer.Unit
+	h := r.Header
+	if svc := h.Get(hdrService); svc != "" && svc != id.Service {
+		s.m.misrouted.WithLabelValues("refused").Inc()
+		answer(sw, http.StatusMisdirectedRequest, "wrong-service", fmt.Sprintf("this sidecar fronts service %s of unit %s, not %s", id.Service, id.Unit, svc))
+		return
+	}
+	if u := h.Get(hdrUnit); u != "" && u != id.Unit {
+		s.m.misrouted.WithLabelValues("refused").Inc()
+		answer(sw, http.StatusMisdirectedRequest, "wrong-unit", fmt.Sprintf("this sidecar is in unit %s, not %s", id.Unit, u))
+		return
+	}
+	m := s.live.Load()
+	if m == nil {
+		answer(sw, http.StatusServiceUnavailable, "no-map", "no shard map loaded yet: retry")
+		return
+	}
+	zone, _ := m.Zone(&routing.Request{Method: r.Method, Path: r.URL.Path, RawQuery: r.URL.RawQuery, Header: h})
+	rt.zone = string(zone)
+	if v := h.Get(hdrShard); v != "" && h.Get(hdrTargetUnit) == "" {
+		if !s.fence(sw, r, m, rt, v) {
+			return
+		}
+	}
+	h[hdrOriginUnit] = []string{peer.Unit} // from the certificate, not the peer's word
+	h[hdrUnit] = []string{id.Unit}
+	h[hdrRegion] = []string{id.Region}
+	delete(h, hdrHops)
+	s.appProxy.ServeHTTP(sw, r)
+}
+
+// fence checks a request's shard and epoch against the map. It returns
+// true when this unit owns the shard at that epoch; otherwise it has
+// answered (421, 400 or 503) or corrected the route, and returns false.
+func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, rt *route, v string) bool {
+	shard := routing.GlobalShard
+	if v != globalShard {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			answer(w, http.StatusBadRequest, "bad-shard", fmt.Sprintf("x-cellmesh-shard %q: want a shard number or %q", v, globalShard))
+			return false
+		}
+		shard = n
+	}
+	owner, err := m.Lookup(shard)
+	if err != nil {
+		answer(w, http.StatusBadRequest, "bad-shard", "x-cellmesh-shard: "+err.Error())
+		return false
+	}
+	epoch, err := strconv.ParseUint(r.Header.Get(hdrEpoch), 10, 64)
+	if err != nil {
+		answer(w, http.StatusBadRequest, "bad-epoch", fmt.Sprintf("x-cellmesh-epoch %q: want the shard's epoch, a whole number", r.Header.Get(hdrEpoch)))
+		return false
+	}
+	rt.shard, rt.epoch = shard, epoch
+	self := s.cfg.Identity.Unit
+	switch {
+	case epoch == owner.Epoch && owner.Unit == self:
+		return true
+	case epoch > owner.Epoch:
+		// The sender has a newer map than ours: we cannot tell who owns the
+		// shard, so neither take the request nor point elsewhere.
+		w.Header().Set("Retry-After", "1")
+		w.Header().Set(hdrEpoch, strconv.FormatUint(owner.Epoch, 10))
+		answer(w, http.StatusServiceUnavailable, "map-behind", fmt.Sprintf("shard %s has epoch %d here but %d in the request: this sidecar's map (version %d) is behind; retry", v, owner.Epoch, epoch, m.Version()))
+		return false
+	case epoch < owner.Epoch:
+		s.m.fenced.Inc()
+	}
+	// Misrouted or stale: the owner is another unit, or this one at a later epoch.
+	hops, _ := strconv.Atoi(r.Header.Get(hdrHops))
+	if s.cfg.MisrouteCorrection && owner.Unit != self && hops == 0 {
+		s.m.misrouted.WithLabelValues("corrected").Inc()
+		fwd := &route{direction: "inbound", service: s.cfg.Identity.Service, src: rt.src, unit: owner.Unit,
+			region: owner.Region, zone: rt.zone, shard: shard, epoch: owner.Epoch, fenced: true, shadow: rt.shadow, hops: hops + 1}
+		rt.unit = owner.Unit
+		w.Header().Del(hdrUnit)
+		w.Header().Del(hdrRegion)
+		s.outProxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), routeKey{}, fwd)))
+		return false
+	}
+	s.m.misrouted.WithLabelValues("refused").Inc()
+	w.Header().Set(hdrOwner, owner.Unit)
+	w.Header().Set(hdrEpoch, strconv.FormatUint(owner.Epoch, 10))
+	answer(w, http.StatusMisdirectedRequest, "misrouted", fmt.Sprintf("shard %s is owned by unit %s at epoch %d; the request was for epoch %d at unit %s", v, owner.Unit, owner.Epoch, epoch, self))
+	return false
+}
+
+// rewriteApp sends an inbound request to the local app.
+func (s *Sidecar) rewriteApp(pr *httputil.ProxyRequest) {
+	pr.Out.URL.Scheme = "http"
+	pr.Out.URL.Host = s.cfg.App
+	pr.Out.Host = pr.In.Host
+	passTrailers(pr)
+}
+
+// passTrailers forwards the request's trailers: the keys declared up front,
+// the values once the body has been read. (quic-go's HTTP/3 server puts
+// the received trailers in a new map after the body, so the incoming map
+// is read at the end of the body, not shared.)
+func passTrailers(pr *httputil.ProxyRequest) {
+	in, out := pr.In, pr.Out
+	if out.Body == nil || out.Body == http.NoBody {
+		out.Trailer = nil
+		return
+	}
+	out.Trailer = make(http.Header, len(in.Trailer))
+	for k := range in.Trailer {
+		out.Trailer[k] = nil
+	}
+	out.Body = &trailerCopier{ReadCloser: out.Body, in: in, out: out.Trailer}
+}
+
+// trailerCopier copies the incoming request's trailers into the outgoing
+// request's when the body ends, before the transport writes them.
+type trailerCopier struct {
+	io.ReadCloser
+	in   *http.Request
+	out  http.Header
+	done bool
+}
+
+func (b *trailerCopier) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && !b.done {
+		b.done = true
+		for k, v := range b.in.Trailer {
+			if len(v) > 0 {
+				b.out[k] = v
+			}
+		}
+	}
+	return n, err
+}
+
+// appResponse keeps the sidecar's x-cellmesh-unit and -region answers
+// single-valued.
+func (s *Sidecar) appResponse(resp *http.Response) error {
+	delete(resp.Header, hdrUnit)
+	delete(resp.Header, hdrRegion)
+	return overLimit(resp)
+}
+
+// appError answers when the local app did not.
+func (s *Sidecar) appError(w http.ResponseWriter, r *http.Request, err error) {
+	if routeOf(r.Context()).tooLarge.Load() {
+		answer(w, http.StatusRequestEntityTooLarge, "body-too-large", fmt.Sprintf("request body is over the limit of %d bytes", s.cfg.Limits.MaxBodyBytes))
+		return
+	}
+	if r.Context().Err() != nil {
+		if sw, ok := w.(*statusWriter); ok {
+			sw.status = 499
+		}
+		return
+	}
+	app := fmt.Sprintf("the %s app of unit %s at %s", s.cfg.Identity.Service, s.cfg.Identity.Unit, s.cfg.App)
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		answer(w, http.StatusServiceUnavailable, "app-down", app+" refused the connection: is it running?")
+	case errors.As(err, &ne) && ne.Timeout():
+		answer(w, http.StatusGatewayTimeout, "app-timeout", app+" did not answer in time: "+err.Error())
+	default:
+		answer(w, http.StatusBadGateway, "app-error", app+" failed: "+err.Error())
+	}
+	s.log.Debug("app request failed", "error", err)
+}
+
+// buildServers builds the HTTP servers and proxies; Listen binds them.
+func (s *Sidecar) buildServers() {
+	errLog := slogLogLogger(s.log)
+	s.outProxy = &httputil.ReverseProxy{Rewrite: s.rewriteOutbound, Transport: s.up, ModifyResponse: overLimit,
+		ErrorHandler: s.forwardError, ErrorLog: errLog}
+	appTr := &http.Transport{
+		DialContext:            (&net.Dialer{Timeout: s.cfg.Timeouts.Connect, KeepAlive: 15 * time.Second}).DialContext,
+		MaxIdleConns:           1024,
+		MaxIdleConnsPerHost:    1024,
+		IdleConnTimeout:        90 * time.Second,
+		MaxResponseHeaderBytes: int64(s.cfg.Limits.MaxHeaderBytes),
+		DisableCompression:     true,
+	}
+	s.appProxy = &httputil.ReverseProxy{Rewrite: s.rewriteApp, Transport: appTr, ModifyResponse: s.appResponse,
+		ErrorHandler: s.appError, ErrorLog: errLog}
+	s.localProxy = &httputil.ReverseProxy{Rewrite: s.rewriteLocal, Transport: appTr, ModifyResponse: s.appResponse,
+		ErrorHandler: s.appError, ErrorLog: errLog}
+
+	out := new(http.Protocols)
+	out.SetHTTP1(true)
+	out.SetUnencryptedHTTP2(true)
+	s.outSrv = &http.Server{
+		Handler:           http.HandlerFunc(s.serveOutbound),
+		Protocols:         out,
+		MaxHeaderBytes:    s.cfg.Limits.MaxHeaderBytes,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		ErrorLog:          errLog,
+	}
+	tc := s.cfg.TLS.ServerConfig(s.authorizePeer, s.tlsRejected("inbound"))
+	tc.NextProtos = []string{"h2"}
+	tcpProtos := new(http.Protocols)
+	tcpProtos.SetHTTP2(true)
+	s.tcpSrv = &http.Server{
+		Handler:           http.HandlerFunc(s.serveInbound),
+		TLSConfig:         tc,
+		Protocols:         tcpProtos,
+		MaxHeaderBytes:    inboundHeaderBytes(s.cfg.Limits.MaxHeaderBytes),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       s.cfg.Timeouts.Idle,
+		ErrorLog:          errLog,
+		HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: s.cfg.Limits.MaxStreamsPerPeer},
+	}
+	s.h3Srv = &http3.Server{
+		Handler:        http.HandlerFunc(s.serveInbound),
+		MaxHeaderBytes: inboundHeaderBytes(s.cfg.Limits.MaxHeaderBytes),
+		IdleTimeout:    s.cfg.Timeouts.Idle,
+		Logger:         s.log,
+	}
+	s.adminSrv = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 5 * time.Second, ErrorLog: errLog}
+}
+
+// inboundHeaderBytes is the inbound listeners' header limit: the app's
+// limit, which the sender enforced, plus room for the x-cellmesh-* headers
+// the sender adds and HTTP/3's 32 bytes of accounting per field.
+func inboundHeaderBytes(limit int) int { return 2*limit + 8<<10 }

@@ -1,0 +1,102 @@
+package proxy
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the sidecar's Prometheus metrics (DESIGN.md, "Metrics").
+type metrics struct {
+	requests    *prometheus.CounterVec
+	duration    *prometheus.HistogramVec
+	misrouted   *prometheus.CounterVec
+	fenced      prometheus.Counter
+	inflight    *prometheus.GaugeVec
+	tlsRejected *prometheus.CounterVec
+	unreachable *prometheus.CounterVec
+	reloads     *prometheus.CounterVec
+	mapVersion  prometheus.Gauge
+	ready       prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_requests_total",
+			Help: "Requests handled by the sidecar, by direction (outbound from the local app, inbound from a peer), service, source and destination unit, zone, status code and whether they were shadow traffic.",
+		}, []string{"direction", "service", "src_unit", "dst_unit", "zone", "code", "shadow"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:                            "cellmesh_request_duration_seconds",
+			Help:                            "Time from a request's arrival at the sidecar to its response headers.",
+			Buckets:                         []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+			NativeHistogramBucketFactor:     1.1,
+			NativeHistogramMaxBucketNumber:  100,
+			NativeHistogramMinResetDuration: time.Hour,
+		}, []string{"direction", "service", "dst_unit"}),
+		misrouted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_misrouted_requests_total",
+			Help: "Inbound requests for a shard this unit does not own, by what the sidecar did: answered 421 or corrected (forwarded once to the owner).",
+		}, []string{"action"}),
+		fenced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cellmesh_fenced_requests_total",
+			Help: "Inbound requests refused because they carried an older epoch of their shard than this sidecar's map.",
+		}),
+		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cellmesh_requests_in_flight",
+			Help: "Requests being handled now, by direction.",
+		}, []string{"direction"}),
+		tlsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_tls_rejected_total",
+			Help: "Peer certificates refused, by direction (inbound: a client; outbound: a peer we dialled) and reason.",
+		}, []string{"direction", "reason"}),
+		unreachable: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_upstream_connect_failures_total",
+			Help: "Failed connections to peer sidecars, by destination unit.",
+		}, []string{"dst_unit"}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_config_reloads_total",
+			Help: "Shard map and endpoint updates, by result (ok, error).",
+		}, []string{"result"}),
+		mapVersion: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cellmesh_shard_map_version",
+			Help: "Version of the shard map the sidecar routes with; 0 before the first.",
+		}),
+		ready: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cellmesh_ready",
+			Help: "1 while the sidecar is ready for traffic (map and endpoints loaded, listening, not draining).",
+		}),
+	}
+	certExpiry := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cellmesh_certificate_expiry_timestamp_seconds",
+		Help: "When this sidecar's certificate expires, as a Unix time.",
+	}, func() float64 { return float64(s.cfg.TLS.NotAfter().Unix()) })
+	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.inflight, m.tlsRejected,
+		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry)
+	return m
+}
+
+// observe records one finished request.
+func (m *metrics) observe(direction, service, src, dst, zone string, code int, shadow bool, d time.Duration) {
+	sh := "false"
+	if shadow {
+		sh = "true"
+	}
+	m.requests.WithLabelValues(direction, service, src, dst, zone, codeString(code), sh).Inc()
+	m.duration.WithLabelValues(direction, service, dst).Observe(d.Seconds())
+}
+
+var codeStrings = func() (s [600]string) {
+	for i := range s {
+		s[i] = strconv.Itoa(i)
+	}
+	return s
+}()
+
+func codeString(c int) string {
+	if c >= 0 && c < len(codeStrings) {
+		return codeStrings[c]
+	}
+	return strconv.Itoa(c)
+}
