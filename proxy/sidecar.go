@@ -316,7 +316,7 @@ func (s *Sidecar) drain() error {
 	}
 	wg.Wait()
 	if len(errs) > 0 {
-		err := fmt.Errorf("drain deadline of %s passed with requests in flight; they were cut: %w", s.cfg.DrainTimeout, errors.Join(errs...))
+		err := &DrainError{Timeout: s.cfg.DrainTimeout, Err: errors.Join(errs...)}
 		s.log.Error("drain incomplete", "error", err)
 		return err
 	}
@@ -394,3 +394,16 @@ func (s *Sidecar) healthy(ep *endpoint) {
 		ep.stats.ejectedUntil.Store(0)
 	}
 }
+
+// DrainError: the drain deadline passed with requests still in flight,
+// which were then cut.
+type DrainError struct {
+	Timeout time.Duration
+	Err     error
+}
+
+func (e *DrainError) Error() string {
+	return fmt.Sprintf("drain deadline of %s passed with requests in flight; they were cut (raise drain_timeout if they were legitimate): %v", e.Timeout, e.Err)
+}
+
+func (e *DrainError) Unwrap() error { return e.Err }

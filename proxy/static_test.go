@@ -248,3 +248,38 @@ func TestNewConfigErrors(t *testing.T) {
 		})
 	}
 }
+
+// FuzzParseStatic: no sidecar file crashes the parser, and one it accepts
+// has everything the sidecar needs.
+func FuzzParseStatic(f *testing.F) {
+	for _, u := range []string{"us-east-1", "eu-west-2"} {
+		data, err := os.ReadFile("../examples/local/" + u + ".yaml")
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(data)
+	}
+	f.Add([]byte("identity: {region: a}\napp: 1\n"))
+	f.Add([]byte("timeouts: {connect: 5 seconds}\n"))
+	f.Add([]byte("endpoints: [{service: echo, unit: us-east-1, address: '[::1]:1', transport: h3}]\n"))
+	dir := f.TempDir()
+	topo, err := os.ReadFile("../examples/local/topology.yaml")
+	if err != nil {
+		f.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "topology.yaml"), topo, 0o600); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		st, err := parseStatic(data, dir)
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("empty error message")
+			}
+			return
+		}
+		if st.Map == nil || st.Config.App == "" || st.Config.Identity.Unit == "" || st.TLSFiles.Cert == "" {
+			t.Fatalf("accepted a file without map, app, identity or certificate: %+v", st)
+		}
+	})
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -97,6 +98,12 @@ flight finish within drain_timeout, exit 0.`, stderr)
 	go store.Watch(watchCtx, interval, log)
 
 	if err := s.Run(ctx); err != nil {
+		var de *proxy.DrainError
+		if errors.As(err, &de) && ctx.Err() != nil {
+			// Asked to stop, and stopped: the cut requests are logged.
+			log.Warn("sidecar stopped after its drain deadline")
+			return exitOK
+		}
 		log.Error("sidecar stopped with an error", "error", err)
 		return exitError
 	}
