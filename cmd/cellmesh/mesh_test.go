@@ -314,6 +314,49 @@ func TestProcessMesh(t *testing.T) {
 		}
 	})
 
+	t.Run("garbage on every port crashes nothing", func(t *testing.T) {
+		p := pm.by["us-east-2"]
+		junk := make([]byte, 4096)
+		for i := range junk {
+			junk[i] = byte(i*7919 + i/13)
+		}
+		for _, a := range []string{p.outbound, p.admin, p.tcp} {
+			c, err := net.DialTimeout("tcp", a, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			c.Write(junk)
+			c.Write([]byte("GET /" + strings.Repeat("x", 100<<10) + " HTTP/1.1\r\n\r\n"))
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+		u, err := net.Dial("udp", p.quic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 50 {
+			junk[0] = byte(0xc0 | i)
+			u.Write(junk[:1200])
+		}
+		u.Close()
+		for _, uid := range []string{"2088000000031", "2088000000057"} {
+			resp, body := pm.send("GET", "us-east-2", uid, "/", nil)
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("after garbage: %d %s", resp.StatusCode, body)
+			}
+		}
+		resp, body := pm.send("GET", "eu-west-1", "2088000000031", "/", nil)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("into us-east-2 after garbage: %d %s", resp.StatusCode, body)
+		}
+		select {
+		case err := <-p.sidecarDone:
+			t.Fatalf("the sidecar exited: %v", err)
+		default:
+		}
+	})
+
 	t.Run("1 GiB upload streams with bounded memory", func(t *testing.T) {
 		const size = 1 << 30
 		uid := "2088000000057" // shard 57: eu-west-1, over QUIC from us-east-1
