@@ -161,6 +161,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Identity.Region == "" || c.Identity.Unit == "" || c.Identity.Service == "" {
 		bad("identity needs region, unit and service (got %q, %q, %q)", c.Identity.Region, c.Identity.Unit, c.Identity.Service)
 	}
+	if strings.ToLower(c.Identity.Service) != c.Identity.Service {
+		bad("identity: service %q: service names are lowercase (they are matched against the Host header)", c.Identity.Service)
+	}
 	if c.TLS == nil {
 		bad("tls: no certificate store: give the mesh CA bundle, a certificate and its key")
 	} else if id := c.TLS.ID(); id.Region != c.Identity.Region || id.Unit != c.Identity.Unit || id.Service != c.Identity.Service {

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"sort"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -89,6 +90,9 @@ func newEndpointSet(eps []Endpoint, version uint64, prev *endpointSet) (*endpoin
 func (e Endpoint) validate() error {
 	if e.Service == "" || e.Unit == "" {
 		return fmt.Errorf("service and unit are required")
+	}
+	if strings.ToLower(e.Service) != e.Service {
+		return fmt.Errorf("service %q: service names are lowercase (they are matched against the Host header)", e.Service)
 	}
 	if e.Transport != QUIC && e.Transport != H2 {
 		return fmt.Errorf("transport %q is unknown (want quic or h2)", e.Transport)

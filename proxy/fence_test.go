@@ -18,6 +18,7 @@ func moveShard(t *testing.T, topo *routing.Topology, shard int, unit string, epo
 	var out []routing.Assignment
 	for _, a := range next.Assignments {
 		if a.Shard == shard {
+			old := a.Primary
 			a.Primary, a.Epoch = unit, epoch
 			sb := []string{}
 			for _, s := range a.Standbys {
@@ -25,8 +26,8 @@ func moveShard(t *testing.T, topo *routing.Topology, shard int, unit string, epo
 					sb = append(sb, s)
 				}
 			}
-			if len(sb) == 0 {
-				sb = []string{"us-east-1"}
+			if len(sb) == 0 && old != unit {
+				sb = []string{old}
 			}
 			a.Standbys = sb
 		}

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strconv"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -64,11 +66,49 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 		answer(sw, http.StatusServiceUnavailable, "no-map", "no shard map loaded yet: retry")
 		return
 	}
-	zone, _ := m.Zone(&routing.Request{Method: r.Method, Path: r.URL.Path, RawQuery: r.URL.RawQuery, Header: h})
-	rt.zone = string(zone)
-	if v := h.Get(hdrShard); v != "" && h.Get(hdrTargetUnit) == "" {
-		if !s.fence(sw, r, m, rt, v) {
+	req := routing.Request{Method: r.Method, Path: r.URL.Path, RawQuery: r.URL.RawQuery, Header: h, LocalUnit: peer.Unit}
+	if t := h.Get(hdrTargetUnit); t != "" {
+		// Pinned to this unit (replication between units): no fence here;
+		// the app's data layer checks the epoch its own protocol carries.
+		// No shard or epoch reaches the app unchecked.
+		zone, _ := m.Zone(&req)
+		rt.zone = string(zone)
+		if t != id.Unit {
+			s.m.misrouted.WithLabelValues("refused").Inc()
+			answer(sw, http.StatusMisdirectedRequest, "wrong-unit", fmt.Sprintf("the request is pinned to unit %s, this sidecar is in %s", t, id.Unit))
 			return
+		}
+		delete(h, hdrShard)
+		delete(h, hdrEpoch)
+	} else {
+		// The sidecar decides again from the request itself: a request for
+		// user or global data is served only with its shard's current epoch.
+		d, err := m.Decide(&req)
+		rt.zone = string(d.Zone)
+		if err != nil {
+			answer(sw, http.StatusBadRequest, "bad-key", "cannot route the request: "+err.Error())
+			return
+		}
+		if d.LocalFallback || d.Zone == routing.KindCZone {
+			delete(h, hdrShard)
+			delete(h, hdrEpoch)
+		} else {
+			want := globalShard
+			if d.Shard != routing.GlobalShard {
+				want = strconv.Itoa(d.Shard)
+			}
+			switch v := h.Get(hdrShard); v {
+			case "":
+				answer(sw, http.StatusBadRequest, "unfenced", fmt.Sprintf("x-cellmesh-shard is missing: a request for %s data (shard %s) must carry its shard and epoch", d.Zone, want))
+				return
+			case want:
+				if !s.fence(sw, r, m, rt, v) {
+					return
+				}
+			default:
+				answer(sw, http.StatusBadRequest, "bad-shard", fmt.Sprintf("x-cellmesh-shard %q does not match shard %s of the request's key", v, want))
+				return
+			}
 		}
 	}
 	h[hdrOriginUnit] = []string{peer.Unit} // from the certificate, not the peer's word
@@ -155,7 +195,9 @@ func passTrailers(pr *httputil.ProxyRequest) {
 	}
 	out.Trailer = make(http.Header, len(in.Trailer))
 	for k := range in.Trailer {
-		out.Trailer[k] = nil
+		if !strings.HasPrefix(k, "X-Cellmesh-") {
+			out.Trailer[k] = nil
+		}
 	}
 	out.Body = &trailerCopier{ReadCloser: out.Body, in: in, out: out.Trailer}
 }
@@ -174,7 +216,7 @@ func (b *trailerCopier) Read(p []byte) (int, error) {
 	if err == io.EOF && !b.done {
 		b.done = true
 		for k, v := range b.in.Trailer {
-			if len(v) > 0 {
+			if len(v) > 0 && !strings.HasPrefix(k, "X-Cellmesh-") {
 				b.out[k] = v
 			}
 		}
@@ -182,11 +224,14 @@ func (b *trailerCopier) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// appResponse keeps the sidecar's x-cellmesh-unit and -region answers
-// single-valued.
+// appResponse drops the x-cellmesh-* headers an app answered with: an app
+// cannot pass for a sidecar's 421 or error.
 func (s *Sidecar) appResponse(resp *http.Response) error {
-	delete(resp.Header, hdrUnit)
-	delete(resp.Header, hdrRegion)
+	for k := range resp.Header {
+		if strings.HasPrefix(k, "X-Cellmesh-") {
+			delete(resp.Header, k) // only sidecars speak for the mesh
+		}
+	}
 	return overLimit(resp)
 }
 
@@ -205,6 +250,8 @@ func (s *Sidecar) appError(w http.ResponseWriter, r *http.Request, err error) {
 	app := fmt.Sprintf("the %s app of unit %s at %s", s.cfg.Identity.Service, s.cfg.Identity.Unit, s.cfg.App)
 	var ne net.Error
 	switch {
+	case errors.Is(err, errPerTryTimeout):
+		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("%s did not answer within the per-try timeout of %s", app, s.cfg.Timeouts.PerTry))
 	case errors.Is(err, syscall.ECONNREFUSED):
 		answer(w, http.StatusServiceUnavailable, "app-down", app+" refused the connection: is it running?")
 	case errors.As(err, &ne) && ne.Timeout():
@@ -218,8 +265,9 @@ func (s *Sidecar) appError(w http.ResponseWriter, r *http.Request, err error) {
 // buildServers builds the HTTP servers and proxies; Listen binds them.
 func (s *Sidecar) buildServers() {
 	errLog := slogLogLogger(s.log)
+	pool := bufferPool{}
 	s.outProxy = &httputil.ReverseProxy{Rewrite: s.rewriteOutbound, Transport: s.up, ModifyResponse: overLimit,
-		ErrorHandler: s.forwardError, ErrorLog: errLog}
+		ErrorHandler: s.forwardError, ErrorLog: errLog, BufferPool: pool}
 	appTr := &http.Transport{
 		DialContext:            (&net.Dialer{Timeout: s.cfg.Timeouts.Connect, KeepAlive: 15 * time.Second}).DialContext,
 		MaxIdleConns:           1024,
@@ -229,9 +277,9 @@ func (s *Sidecar) buildServers() {
 		DisableCompression:     true,
 	}
 	s.appProxy = &httputil.ReverseProxy{Rewrite: s.rewriteApp, Transport: appTr, ModifyResponse: s.appResponse,
-		ErrorHandler: s.appError, ErrorLog: errLog}
-	s.localProxy = &httputil.ReverseProxy{Rewrite: s.rewriteLocal, Transport: appTr, ModifyResponse: s.appResponse,
-		ErrorHandler: s.appError, ErrorLog: errLog}
+		ErrorHandler: s.appError, ErrorLog: errLog, BufferPool: pool}
+	s.localProxy = &httputil.ReverseProxy{Rewrite: s.rewriteLocal, Transport: localTransport{appTr, s.cfg.Timeouts.PerTry}, ModifyResponse: s.appResponse,
+		ErrorHandler: s.appError, ErrorLog: errLog, BufferPool: pool}
 
 	out := new(http.Protocols)
 	out.SetHTTP1(true)
@@ -271,3 +319,12 @@ func (s *Sidecar) buildServers() {
 // limit, which the sender enforced, plus room for the x-cellmesh-* headers
 // the sender adds and HTTP/3's 32 bytes of accounting per field.
 func inboundHeaderBytes(limit int) int { return 2*limit + 8<<10 }
+
+// bufferPool lends the 32 KiB buffers bodies are copied through, instead of
+// httputil.ReverseProxy allocating one per request.
+type bufferPool struct{}
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *copyBuffers.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { copyBuffers.Put(&b) }

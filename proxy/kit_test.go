@@ -28,13 +28,13 @@ const trustDomain = "cellmesh.test"
 
 // testCA is a mesh CA written to a directory, issuing sidecar certificates.
 type testCA struct {
-	t          *testing.T
+	t          testing.TB
 	dir        string
 	cert, key  []byte
 	bundlePath string
 }
 
-func newTestCA(t *testing.T, td string) *testCA {
+func newTestCA(t testing.TB, td string) *testCA {
 	t.Helper()
 	dir := t.TempDir()
 	cert, key, err := meshtls.NewCA(td, 24*time.Hour, time.Now())
@@ -75,7 +75,7 @@ func (ca *testCA) issue(id meshtls.ID, validity time.Duration, bundle *testCA) *
 }
 
 // localTopology is the local example's topology.
-func localTopology(t *testing.T) *routing.Topology {
+func localTopology(t testing.TB) *routing.Topology {
 	t.Helper()
 	topo, err := topofile.Load("../examples/local/topology.yaml")
 	if err != nil {
@@ -84,7 +84,7 @@ func localTopology(t *testing.T) *routing.Topology {
 	return topo
 }
 
-func compile(t *testing.T, topo *routing.Topology) *routing.ShardMap {
+func compile(t testing.TB, topo *routing.Topology) *routing.ShardMap {
 	t.Helper()
 	m, err := routing.Compile(topo)
 	if err != nil {
@@ -108,7 +108,7 @@ type node struct {
 // mesh is several units on 127.0.0.1, each with an echo app behind a
 // sidecar, all talking real QUIC (or HTTP/2 on TLS) with mutual TLS.
 type mesh struct {
-	t     *testing.T
+	t     testing.TB
 	ca    *testCA
 	topo  *routing.Topology
 	nodes map[string]*node
@@ -121,7 +121,7 @@ type meshOpts struct {
 	store     func(Identity) *meshtls.Store // overrides the certificate of a unit
 }
 
-func newMesh(t *testing.T, o meshOpts) *mesh {
+func newMesh(t testing.TB, o meshOpts) *mesh {
 	t.Helper()
 	m := &mesh{t: t, ca: newTestCA(t, trustDomain), topo: localTopology(t), nodes: map[string]*node{}}
 	sm := compile(t, m.topo)
@@ -195,7 +195,7 @@ func (m *mesh) endpoints(h2Units ...string) []Endpoint {
 }
 
 // shutdown stops the node's sidecar and waits for Run to return.
-func (n *node) shutdown(t *testing.T) {
+func (n *node) shutdown(t testing.TB) {
 	if n.stop == nil {
 		return
 	}
@@ -230,7 +230,7 @@ func (m *mesh) get(c *http.Client, from, uid, path string) (*http.Response, []by
 	return do(m.t, c, req)
 }
 
-func do(t *testing.T, c *http.Client, req *http.Request) (*http.Response, []byte) {
+func do(t testing.TB, c *http.Client, req *http.Request) (*http.Response, []byte) {
 	t.Helper()
 	resp, err := c.Do(req)
 	if err != nil {
@@ -244,7 +244,7 @@ func do(t *testing.T, c *http.Client, req *http.Request) (*http.Response, []byte
 	return resp, body
 }
 
-func decodeEcho(t *testing.T, body []byte) echo.Response {
+func decodeEcho(t testing.TB, body []byte) echo.Response {
 	t.Helper()
 	var r echo.Response
 	if err := json.Unmarshal(body, &r); err != nil {
@@ -254,7 +254,7 @@ func decodeEcho(t *testing.T, body []byte) echo.Response {
 }
 
 // waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, cond func() bool, what string) {
+func waitFor(t testing.TB, d time.Duration, cond func() bool, what string) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -286,7 +286,7 @@ func (b *syncBuffer) String() string {
 func (b *syncBuffer) contains(s string) bool { return strings.Contains(b.String(), s) }
 
 // freeAddr is a 127.0.0.1 port nobody listens on (TCP).
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -65,7 +65,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		}),
 		ready: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cellmesh_ready",
-			Help: "1 while the sidecar is ready for traffic (map and endpoints loaded, listening, not draining).",
+			Help: "1 while the sidecar is ready for traffic (a shard map loaded, listening, not draining).",
 		}),
 	}
 	certExpiry := prometheus.NewGaugeFunc(prometheus.GaugeOpts{

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cellmesh/cellmesh/routing"
+	"github.com/quic-go/quic-go"
 )
 
 // Header names (DESIGN.md, "Headers"), in canonical form.
@@ -87,13 +88,29 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 		answer(sw, http.StatusServiceUnavailable, "no-map", "no shard map loaded yet: the sidecar is starting or cannot read its configuration")
 		return
 	}
-	rt.service = serviceOf(r)
-	if rt.service == "" {
+	svc := serviceOf(r)
+	if svc == "" {
 		answer(sw, http.StatusBadRequest, "no-service", "no target service: set the Host header or x-cellmesh-service to the service's name")
 		return
 	}
-	if !s.endpoints.Load().hasService(rt.service) {
-		answer(sw, http.StatusNotFound, "unknown-service", fmt.Sprintf("unknown service %q: no unit has an endpoint of it", rt.service))
+	if !s.endpoints.Load().hasService(svc) {
+		// Not a label: any caller could grow the metrics without bound.
+		rt.service = "unknown"
+		answer(sw, http.StatusNotFound, "unknown-service", fmt.Sprintf("unknown service %q: no unit has an endpoint of it", svc))
+		return
+	}
+	rt.service = svc
+	switch {
+	case r.Method == http.MethodConnect:
+		answer(sw, http.StatusMethodNotAllowed, "bad-method", "CONNECT is not proxied: send the request itself to the service")
+		return
+	case r.Header.Get("Upgrade") != "":
+		answer(sw, http.StatusNotImplemented, "upgrade", fmt.Sprintf("protocol upgrades (Upgrade: %s) are not carried between units", r.Header.Get("Upgrade")))
+		return
+	case !canonicalPath(r.URL.Path):
+		// The key may come from the path: "//", "." and ".." segments could
+		// hide it from routing yet show it to the app.
+		answer(sw, http.StatusBadRequest, "bad-path", fmt.Sprintf("path %q has empty, \".\" or \"..\" segments: send it in canonical form", r.URL.Path))
 		return
 	}
 	if n, max := headerBytes(r), s.cfg.Limits.MaxHeaderBytes; n > max {
@@ -149,13 +166,35 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 // without its port.
 func serviceOf(r *http.Request) string {
 	if s := r.Header.Get(hdrService); s != "" {
-		return s
+		return strings.ToLower(s)
 	}
 	h := r.Host
 	if host, _, err := net.SplitHostPort(h); err == nil {
 		h = host
 	}
-	return h
+	return strings.ToLower(h)
+}
+
+// canonicalPath reports whether p has no empty, "." or ".." segments
+// (a trailing slash is fine).
+func canonicalPath(p string) bool {
+	for i := 0; i < len(p); {
+		if p[i] != '/' {
+			return p == "*" && i == 0 // OPTIONS *
+		}
+		j := i + 1
+		for j < len(p) && p[j] != '/' {
+			j++
+		}
+		switch seg := p[i+1 : j]; {
+		case seg == "." || seg == "..":
+			return false
+		case seg == "" && j < len(p):
+			return false
+		}
+		i = j
+	}
+	return true
 }
 
 // rewriteOutbound prepares the request for the peer: the routing headers
@@ -168,22 +207,28 @@ func (s *Sidecar) rewriteOutbound(pr *httputil.ProxyRequest) {
 	out.URL.Host = rt.unit // replaced by the endpoint's address per attempt
 	out.Host = pr.In.Host
 	passTrailers(pr)
-	s.routingHeaders(out.Header, rt)
+	s.routingHeaders(out.Header, pr.In.Header, rt)
 }
 
 // rewriteLocal sends a request of the app for its own unit and service
 // straight to the app, with the headers a peer's request would carry.
 func (s *Sidecar) rewriteLocal(pr *httputil.ProxyRequest) {
 	s.rewriteApp(pr)
-	s.routingHeaders(pr.Out.Header, routeOf(pr.In.Context()))
+	s.routingHeaders(pr.Out.Header, pr.In.Header, routeOf(pr.In.Context()))
 }
 
 // routingHeaders replaces the app's x-cellmesh-* headers (but those it may
-// set) with the routing decision.
-func (s *Sidecar) routingHeaders(h http.Header, rt *route) {
+// set, copied from in: a Connection header cannot strip what routing used)
+// with the routing decision.
+func (s *Sidecar) routingHeaders(h, in http.Header, rt *route) {
 	for k := range h {
 		if strings.HasPrefix(k, "X-Cellmesh-") && !appHeaders[k] {
 			delete(h, k)
+		}
+	}
+	for k := range appHeaders {
+		if v, ok := in[k]; ok {
+			h[k] = v
 		}
 	}
 	h[hdrService] = []string{rt.service}
@@ -229,6 +274,8 @@ func (s *Sidecar) forwardError(w http.ResponseWriter, r *http.Request, err error
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the overall timeout of %s", rt.unit, s.cfg.Timeouts.Overall))
 	case errors.As(err, &de):
 		answer(w, http.StatusServiceUnavailable, "unreachable", fmt.Sprintf("unit %s is unreachable: %v", rt.unit, de))
+	case errors.As(err, new(*quic.IdleTimeoutError)):
+		answer(w, http.StatusServiceUnavailable, "unreachable", fmt.Sprintf("unit %s went silent (QUIC idle timeout): %v", rt.unit, err))
 	default:
 		answer(w, http.StatusBadGateway, "upstream", fmt.Sprintf("forwarding to unit %s failed: %v", rt.unit, err))
 	}
@@ -297,7 +344,7 @@ func (b *limitBody) Read(p []byte) (int, error) {
 	if b.left < 0 {
 		return 0, errBodyTooLarge
 	}
-	if int64(len(p)) > b.left+1 {
+	if int64(len(p))-1 > b.left { // read one byte past the limit to see it crossed
 		p = p[:b.left+1]
 	}
 	n, err := b.ReadCloser.Read(p)

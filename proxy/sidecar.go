@@ -29,6 +29,7 @@ type Sidecar struct {
 	m   *metrics
 
 	live      routing.Live
+	updateMu  sync.Mutex // serializes SetMap and SetEndpoints
 	endpoints atomic.Pointer[endpointSet]
 	up        *upstream
 	outProxy  *httputil.ReverseProxy
@@ -55,8 +56,8 @@ type Sidecar struct {
 	closed   sync.Once
 }
 
-// New checks cfg and builds a sidecar. It starts nothing and binds no port:
-// Listen does, and Run serves.
+// New checks cfg and builds a sidecar. It starts nothing and binds no
+// socket: Listen does, and Run serves.
 func New(cfg Config) (*Sidecar, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -66,17 +67,16 @@ func New(cfg Config) (*Sidecar, error) {
 	s.log = cfg.Logger.With("component", "sidecar", "region", cfg.Identity.Region, "unit", cfg.Identity.Unit, "service", cfg.Identity.Service)
 	s.m = newMetrics(cfg.Registry, s)
 	s.endpoints.Store(&endpointSet{by: map[string]map[string][]*endpoint{}, byAddr: map[string]*endpoint{}})
-	if s.up, err = newUpstream(s); err != nil {
-		return nil, err
-	}
+	s.up = newUpstream(s)
 	s.buildServers()
 	return s, nil
 }
 
 // SetMap makes m the shard map requests are routed and fenced with. Maps
-// only move forward: an older version than the current one is refused with
-// *routing.StaleVersionError. Requests in flight finish on the map they
-// started with; none fails because of the swap.
+// only move forward (routing.ShardMap.CheckSuccessor): an older version, new
+// contents under the same version, a falling epoch or a new primary without
+// a new epoch is refused with *routing.SuccessorError. Requests in flight
+// finish on the map they started with; none fails because of the swap.
 func (s *Sidecar) SetMap(m *routing.ShardMap) error {
 	if m == nil {
 		return errors.New("set a nil shard map")
@@ -85,6 +85,14 @@ func (s *Sidecar) SetMap(m *routing.ShardMap) error {
 		err := fmt.Errorf("shard map version %d does not declare this sidecar's unit %s", m.Version(), s.cfg.Identity.Unit)
 		s.m.reloads.WithLabelValues("error").Inc()
 		return err
+	}
+	s.updateMu.Lock()
+	defer s.updateMu.Unlock()
+	if cur := s.live.Load(); cur != nil {
+		if err := cur.CheckSuccessor(m); err != nil {
+			s.m.reloads.WithLabelValues("error").Inc()
+			return err
+		}
 	}
 	if err := s.live.Store(m); err != nil {
 		s.m.reloads.WithLabelValues("error").Inc()
@@ -101,6 +109,8 @@ func (s *Sidecar) SetMap(m *routing.ShardMap) error {
 // Requests in flight keep their endpoint; the in-flight counts of the
 // endpoints that stay carry over.
 func (s *Sidecar) SetEndpoints(eps []Endpoint, version uint64) error {
+	s.updateMu.Lock()
+	defer s.updateMu.Unlock()
 	set, err := newEndpointSet(eps, version, s.endpoints.Load())
 	if err != nil {
 		s.m.reloads.WithLabelValues("error").Inc()
@@ -172,6 +182,16 @@ func (s *Sidecar) listen() (err error) {
 		}
 		return ln, nil
 	}
+	var resetKey *quic.StatelessResetKey
+	if k, err := s.cfg.TLS.DeriveKey("cellmesh quic stateless reset"); err == nil {
+		rk := quic.StatelessResetKey(k)
+		resetKey = &rk
+	} else {
+		s.log.Warn("no QUIC stateless reset key: after a restart, peers notice the old connections only at their idle timeout", "error", err)
+	}
+	if err := s.up.open(resetKey); err != nil {
+		return err
+	}
 	if s.outLn, err = bind("outbound", s.cfg.Outbound); err != nil {
 		return err
 	}
@@ -193,7 +213,7 @@ func (s *Sidecar) listen() (err error) {
 		if s.udpIn, err = net.ListenUDP("udp", ua); err != nil {
 			return fmt.Errorf("inbound_quic listener on %s: %w (is another process using the port?)", s.cfg.InboundQUIC, err)
 		}
-		s.quicTr = &quic.Transport{Conn: s.udpIn}
+		s.quicTr = &quic.Transport{Conn: s.udpIn, StatelessResetKey: resetKey}
 		tc := s.cfg.TLS.ServerConfig(s.authorizePeer, s.tlsRejected("inbound"))
 		tc.NextProtos = []string{http3.NextProtoH3}
 		s.quicLn, err = s.quicTr.Listen(tc, &quic.Config{
@@ -306,7 +326,8 @@ func (s *Sidecar) drain() error {
 			}
 		})
 	}
-	shut("outbound", s.outSrv.Shutdown)
+	// Inbound first: the app may call other units while it finishes the
+	// requests it has, so outbound keeps accepting until inbound drained.
 	if s.tcpLn != nil {
 		shut("inbound_tcp", s.tcpSrv.Shutdown)
 	}
@@ -314,6 +335,8 @@ func (s *Sidecar) drain() error {
 		s.quicLn.Close()
 		shut("inbound_quic", s.h3Srv.Shutdown)
 	}
+	wg.Wait()
+	shut("outbound", s.outSrv.Shutdown)
 	wg.Wait()
 	if len(errs) > 0 {
 		err := &DrainError{Timeout: s.cfg.DrainTimeout, Err: errors.Join(errs...)}

@@ -218,9 +218,29 @@ func parseStatic(data []byte, dir string) (*Static, error) {
 	return st, nil
 }
 
-// Apply gives the sidecar the map and endpoints of st.
+// Apply gives the sidecar the map and endpoints of st. While the map is
+// swapped, the endpoints are those of both lists, so a unit the new map
+// adds already has its endpoints and one it drops keeps them until the
+// map no longer routes there.
 func (s *Sidecar) Apply(st *Static) error {
+	both := append([]Endpoint(nil), st.Endpoints...)
+	have := map[string]bool{}
+	for _, e := range st.Endpoints {
+		have[e.key()] = true
+	}
+	for _, e := range s.endpoints.Load().all {
+		if !have[e.key()] {
+			both = append(both, e.Endpoint)
+		}
+	}
+	old := s.endpoints.Load()
+	if err := s.SetEndpoints(both, 0); err != nil {
+		return err
+	}
 	if err := s.SetMap(st.Map); err != nil {
+		s.updateMu.Lock()
+		s.endpoints.Store(old) // a refused reload changes nothing
+		s.updateMu.Unlock()
 		return err
 	}
 	return s.SetEndpoints(st.Endpoints, 0)
@@ -278,6 +298,14 @@ func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Dur
 			continue
 		}
 		s.log.Info("config reloaded", "map_version", next.Map.Version(), "endpoints", len(next.Endpoints))
+		if next.Topology != st.Topology {
+			s.log.Info("now watching the new topology file", "topology", next.Topology)
+		}
+		// What takes a restart stays as it was; the rest follows the file.
+		next.Config, next.TLSFiles = st.Config, st.TLSFiles
+		st = next
+		files = []string{st.Path, st.Topology}
+		last = stamps(files)
 	}
 }
 

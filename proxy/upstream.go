@@ -33,12 +33,8 @@ type upstream struct {
 	h2  *http2.Transport
 }
 
-func newUpstream(s *Sidecar) (*upstream, error) {
-	udp, err := net.ListenUDP("udp", nil)
-	if err != nil {
-		return nil, fmt.Errorf("open the UDP socket for QUIC to peers: %w", err)
-	}
-	u := &upstream{s: s, udp: udp, qt: &quic.Transport{Conn: udp}}
+func newUpstream(s *Sidecar) *upstream {
+	u := &upstream{s: s}
 	t := s.cfg.Timeouts
 	u.h3 = &http3.Transport{
 		QUICConfig: &quic.Config{
@@ -58,14 +54,27 @@ func newUpstream(s *Sidecar) (*upstream, error) {
 		ReadIdleTimeout:    t.Idle / 3, // ping a quiet connection, as QUIC keep-alives do
 		PingTimeout:        t.Connect,
 	}
-	return u, nil
+	return u
+}
+
+// open binds the UDP socket QUIC connections to peers use. resetKey lets
+// a later run of this sidecar reset connections this one leaves open.
+func (u *upstream) open(resetKey *quic.StatelessResetKey) error {
+	udp, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		return fmt.Errorf("open the UDP socket for QUIC to peers: %w", err)
+	}
+	u.udp, u.qt = udp, &quic.Transport{Conn: udp, StatelessResetKey: resetKey}
+	return nil
 }
 
 func (u *upstream) close() {
 	u.h3.Close()
 	u.h2.CloseIdleConnections()
-	u.qt.Close()
-	u.udp.Close()
+	if u.qt != nil {
+		u.qt.Close()
+		u.udp.Close()
+	}
 }
 
 // dialError marks a failure to reach a peer before anything was sent, so
@@ -101,6 +110,9 @@ func (u *upstream) dialQUIC(ctx context.Context, addr string, _ *tls.Config, qc 
 	ep := u.s.endpoints.Load().byAddr[string(QUIC)+"://"+addr]
 	if ep == nil {
 		return nil, &dialError{Endpoint{Address: addr, Transport: QUIC}, errors.New("no longer an endpoint")}
+	}
+	if u.qt == nil {
+		return nil, &dialError{ep.Endpoint, errors.New("the sidecar is not listening yet")}
 	}
 	ua, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
@@ -205,7 +217,6 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			return nil, &noEndpointError{rt.service, rt.unit}
 		}
-		rt.endpoint = ep
 		resp, err := u.try(ctx, req, body, ep)
 		if err == nil {
 			overall.stop()
@@ -379,4 +390,34 @@ func refusedHandshake(err error) bool {
 	// unexported sentinel, or keeps only the alert's text.
 	msg := err.Error()
 	return strings.Contains(msg, "remote error: tls:") || strings.Contains(msg, "http2: client conn could not be established")
+}
+
+// localTransport sends the app's requests for its own unit and service to
+// the app, bounded by the per-try timeout as a forwarded request is.
+type localTransport struct {
+	next   http.RoundTripper
+	perTry time.Duration
+}
+
+func (l localTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithCancelCause(req.Context())
+	timer := &lateTimer{d: l.perTry, f: func() { cancel(errPerTryTimeout) }}
+	var body *retryBody
+	if req.Body != nil && req.Body != http.NoBody {
+		body = &retryBody{rc: req.Body}
+		req.Body = body
+	}
+	body.whenSent(timer.arm)
+	resp, err := l.next.RoundTrip(req.WithContext(ctx))
+	timer.stop()
+	if err != nil {
+		if c := context.Cause(ctx); c != nil && ctx.Err() != nil && req.Context().Err() == nil {
+			err = fmt.Errorf("%w: %w", c, err)
+		}
+		cancel(nil)
+		body.closeReal()
+		return nil, err
+	}
+	resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(nil) }}
+	return resp, nil
 }

@@ -3,6 +3,8 @@ package routing
 import (
 	"errors"
 	"fmt"
+	"reflect"
+	"strconv"
 	"sync/atomic"
 )
 
@@ -370,4 +372,57 @@ func (l *Live) Store(m *ShardMap) error {
 			return nil
 		}
 	}
+}
+
+// SuccessorError says why a map may not follow the current one.
+type SuccessorError struct {
+	Shard int // GlobalShard for the gzone writer, -2 when no shard is concerned
+	Msg   string
+}
+
+func (e *SuccessorError) Error() string { return e.Msg }
+
+// noShard marks a SuccessorError about the whole map.
+const noShard = -2
+
+// CheckSuccessor reports whether next may replace m where requests are
+// fenced by epoch: its version is not lower; the same version means the
+// same topology; the shard count is the same; no shard's epoch falls; and
+// a shard whose primary changes gets a higher epoch. A map breaking these
+// would let a fenced sender through again, or two units accept one epoch.
+func (m *ShardMap) CheckSuccessor(next *ShardMap) error {
+	switch {
+	case next.version < m.version:
+		return &SuccessorError{noShard, fmt.Sprintf("shard map version %d is older than the current version %d", next.version, m.version)}
+	case next.version == m.version:
+		if !reflect.DeepEqual(m.topo, next.topo) {
+			return &SuccessorError{noShard, fmt.Sprintf("shard map version %d differs from the current map of the same version: bump the version with every change", next.version)}
+		}
+		return nil
+	case next.n != m.n:
+		return &SuccessorError{noShard, fmt.Sprintf("shard count changes from %d to %d: it is fixed for the life of a topology", m.n, next.n)}
+	}
+	check := func(shard int, a, b *slot) error {
+		ua, ub := m.units[a.primary].Name, next.units[b.primary].Name
+		name := "shard " + strconv.Itoa(shard)
+		if shard == GlobalShard {
+			name = "the global assignment"
+		}
+		if b.epoch < a.epoch {
+			return &SuccessorError{shard, fmt.Sprintf("%s: epoch falls from %d to %d in version %d", name, a.epoch, b.epoch, next.version)}
+		}
+		if ua != ub && b.epoch == a.epoch {
+			return &SuccessorError{shard, fmt.Sprintf("%s: primary changes from %s to %s at the same epoch %d in version %d: a change of primary must raise the epoch", name, ua, ub, a.epoch, next.version)}
+		}
+		return nil
+	}
+	for i := range m.slots {
+		if err := check(i, &m.slots[i], &next.slots[i]); err != nil {
+			return err
+		}
+	}
+	if m.hasGlb && next.hasGlb {
+		return check(GlobalShard, &m.global, &next.global)
+	}
+	return nil
 }

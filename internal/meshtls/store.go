@@ -2,6 +2,8 @@ package meshtls
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -291,4 +293,21 @@ func (st *stamps) equal(old *stamps) bool {
 		}
 	}
 	return true
+}
+
+// DeriveKey returns a secret for label derived from the workload's private
+// key (HMAC-SHA256 keyed with the key's PKCS#8 form): the same across
+// restarts with the same key, unknown to anyone without it. The sidecar
+// derives its QUIC stateless reset key from it, so that a restarted sidecar
+// can reset the connections its previous run left open.
+func (s *Store) DeriveKey(label string) ([32]byte, error) {
+	var out [32]byte
+	der, err := x509.MarshalPKCS8PrivateKey(s.cur.Load().cert.PrivateKey)
+	if err != nil {
+		return out, fmt.Errorf("derive a key from the private key: %w", err)
+	}
+	mac := hmac.New(sha256.New, der)
+	mac.Write([]byte(label))
+	copy(out[:], mac.Sum(nil))
+	return out, nil
 }

@@ -376,3 +376,41 @@ func TestWatchStopsWithContext(t *testing.T) {
 		t.Fatal("Watch did not return for a context already done")
 	}
 }
+
+// DeriveKey is stable for one key and label, and differs by label and key.
+func TestDeriveKey(t *testing.T) {
+	dir := t.TempDir()
+	caCert, caKey, err := NewCA("cellmesh.test", time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	load := func(name string) *Store {
+		id := ID{TrustDomain: "cellmesh.test", Region: "r", Unit: "u", Service: "s"}
+		cert, key, err := Issue(caCert, caKey, id, nil, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := Files{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, name+".pem"), Key: filepath.Join(dir, name+"-key.pem")}
+		for p, b := range map[string][]byte{f.CA: caCert, f.Cert: cert, f.Key: key} {
+			if err := os.WriteFile(p, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s, err := Load(f, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	a, b := load("a"), load("b")
+	k1, err1 := a.DeriveKey("quic-reset")
+	k2, err2 := a.DeriveKey("quic-reset")
+	k3, _ := a.DeriveKey("other")
+	k4, _ := b.DeriveKey("quic-reset")
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	if k1 != k2 || k1 == k3 || k1 == k4 || k1 == ([32]byte{}) {
+		t.Fatalf("keys: same label %v, other label %v, other key %v", k1 == k2, k1 == k3, k1 == k4)
+	}
+}
