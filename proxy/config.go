@@ -83,6 +83,10 @@ type Timeouts struct {
 	Overall time.Duration
 	// Idle closes a peer connection with no traffic for this long. Default 60s.
 	Idle time.Duration
+	// StreamIdle cuts a request whose bodies move no byte either way for
+	// this long (a stalled upload, a stopped response). Default 5m, as
+	// Envoy's stream_idle_timeout.
+	StreamIdle time.Duration
 }
 
 // Limits refuse oversized requests with a 4xx before they are forwarded.
@@ -135,6 +139,7 @@ func (c Config) withDefaults() (Config, error) {
 	defd(&c.Timeouts.PerTry, 15*time.Second)
 	defd(&c.Timeouts.Overall, 30*time.Second)
 	defd(&c.Timeouts.Idle, 60*time.Second)
+	defd(&c.Timeouts.StreamIdle, 5*time.Minute)
 	defd(&c.DrainTimeout, 20*time.Second)
 	defd(&c.EjectTime, 5*time.Second)
 	if c.Limits.MaxHeaderBytes == 0 {
@@ -195,7 +200,7 @@ func (c Config) withDefaults() (Config, error) {
 		d    time.Duration
 	}{
 		{"timeouts.connect", c.Timeouts.Connect}, {"timeouts.per_try", c.Timeouts.PerTry},
-		{"timeouts.overall", c.Timeouts.Overall}, {"timeouts.idle", c.Timeouts.Idle},
+		{"timeouts.overall", c.Timeouts.Overall}, {"timeouts.idle", c.Timeouts.Idle}, {"timeouts.stream_idle", c.Timeouts.StreamIdle},
 		{"drain_timeout", c.DrainTimeout}, {"eject_time", c.EjectTime},
 	} {
 		if d.d < 0 {

@@ -47,6 +47,13 @@ func TestInboundDecidesAgain(t *testing.T) {
 		{"pinned elsewhere", map[string]string{"x-cellmesh-uid": "7", "x-cellmesh-target-unit": "us-east-1"}, 421, "wrong-unit"},
 		{"owned here, right epoch", map[string]string{"x-cellmesh-uid": "60", "x-cellmesh-shard": "60", "x-cellmesh-epoch": "1"}, 200, ""},
 	}
+	// A path that hides a path key from routing is refused at the inbound
+	// listener too.
+	req, _ := http.NewRequest("POST", "https://"+m.nodes["eu-west-1"].addrs.InboundQUIC+"/v1//users/7", nil)
+	req.Host = "echo"
+	if resp, body := do(t, c, req); resp.StatusCode != http.StatusBadRequest || resp.Header.Get("x-cellmesh-error") != "bad-path" {
+		t.Fatalf("non-canonical path at inbound: %d %s", resp.StatusCode, body)
+	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			req, _ := http.NewRequest("POST", target, strings.NewReader("debit 100"))
@@ -63,7 +70,7 @@ func TestInboundDecidesAgain(t *testing.T) {
 
 	// A pinned request (replication) reaches the pinned unit with no shard
 	// or epoch the app could take for a fence.
-	req := m.newReq("POST", "us-east-2", "7", "/replicate", strings.NewReader("x"))
+	req = m.newReq("POST", "us-east-2", "7", "/replicate", strings.NewReader("x"))
 	req.Header.Set("x-cellmesh-target-unit", "eu-west-1")
 	resp, body := do(t, newClient(), req)
 	if resp.StatusCode != http.StatusOK {

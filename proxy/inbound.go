@@ -66,6 +66,10 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 		answer(sw, http.StatusServiceUnavailable, "no-map", "no shard map loaded yet: retry")
 		return
 	}
+	if !canonicalPath(r.URL.Path) {
+		answer(sw, http.StatusBadRequest, "bad-path", fmt.Sprintf("path %q has empty, \".\" or \"..\" segments", r.URL.Path))
+		return
+	}
 	req := routing.Request{Method: r.Method, Path: r.URL.Path, RawQuery: r.URL.RawQuery, Header: h, LocalUnit: peer.Unit}
 	if t := h.Get(hdrTargetUnit); t != "" {
 		// Pinned to this unit (replication between units): no fence here;
@@ -252,6 +256,8 @@ func (s *Sidecar) appError(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
 	case errors.Is(err, errPerTryTimeout):
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("%s did not answer within the per-try timeout of %s", app, s.cfg.Timeouts.PerTry))
+	case errors.Is(err, errStreamIdle):
+		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from %s for %s (timeouts.stream_idle)", app, s.cfg.Timeouts.StreamIdle))
 	case errors.Is(err, syscall.ECONNREFUSED):
 		answer(w, http.StatusServiceUnavailable, "app-down", app+" refused the connection: is it running?")
 	case errors.As(err, &ne) && ne.Timeout():
@@ -278,7 +284,7 @@ func (s *Sidecar) buildServers() {
 	}
 	s.appProxy = &httputil.ReverseProxy{Rewrite: s.rewriteApp, Transport: appTr, ModifyResponse: s.appResponse,
 		ErrorHandler: s.appError, ErrorLog: errLog, BufferPool: pool}
-	s.localProxy = &httputil.ReverseProxy{Rewrite: s.rewriteLocal, Transport: localTransport{appTr, s.cfg.Timeouts.PerTry}, ModifyResponse: s.appResponse,
+	s.localProxy = &httputil.ReverseProxy{Rewrite: s.rewriteLocal, Transport: localTransport{appTr, s.cfg.Timeouts.PerTry, s.cfg.Timeouts.StreamIdle}, ModifyResponse: s.appResponse,
 		ErrorHandler: s.appError, ErrorLog: errLog, BufferPool: pool}
 
 	out := new(http.Protocols)

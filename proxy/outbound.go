@@ -58,7 +58,6 @@ type route struct {
 	tooLarge atomic.Bool
 	shadow   bool
 	hops     int
-	endpoint *endpoint
 }
 
 type routeKey struct{}
@@ -270,6 +269,8 @@ func (s *Sidecar) forwardError(w http.ResponseWriter, r *http.Request, err error
 		answer(w, http.StatusServiceUnavailable, "no-endpoint", ne.Error()+": check the endpoints of the configuration or the control plane")
 	case errors.Is(err, errPerTryTimeout):
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the per-try timeout of %s", rt.unit, s.cfg.Timeouts.PerTry))
+	case errors.Is(err, errStreamIdle):
+		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from unit %s for %s (timeouts.stream_idle)", rt.unit, s.cfg.Timeouts.StreamIdle))
 	case errors.Is(err, errOverallTimeout):
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the overall timeout of %s", rt.unit, s.cfg.Timeouts.Overall))
 	case errors.As(err, &de):

@@ -63,10 +63,11 @@ type staticFile struct {
 		Transport string `yaml:"transport"`
 	} `yaml:"endpoints"`
 	Timeouts struct {
-		Connect duration `yaml:"connect"`
-		PerTry  duration `yaml:"per_try"`
-		Overall duration `yaml:"overall"`
-		Idle    duration `yaml:"idle"`
+		Connect    duration `yaml:"connect"`
+		PerTry     duration `yaml:"per_try"`
+		Overall    duration `yaml:"overall"`
+		Idle       duration `yaml:"idle"`
+		StreamIdle duration `yaml:"stream_idle"`
 	} `yaml:"timeouts"`
 	Limits struct {
 		MaxHeaderBytes    int   `yaml:"max_header_bytes"`
@@ -151,7 +152,8 @@ func parseStatic(data []byte, dir string) (*Static, error) {
 			InboundTCP:  sf.Listen.InboundTCP,
 			Admin:       sf.Listen.Admin,
 			Timeouts: Timeouts{Connect: time.Duration(sf.Timeouts.Connect), PerTry: time.Duration(sf.Timeouts.PerTry),
-				Overall: time.Duration(sf.Timeouts.Overall), Idle: time.Duration(sf.Timeouts.Idle)},
+				Overall: time.Duration(sf.Timeouts.Overall), Idle: time.Duration(sf.Timeouts.Idle),
+				StreamIdle: time.Duration(sf.Timeouts.StreamIdle)},
 			Limits: Limits{MaxHeaderBytes: sf.Limits.MaxHeaderBytes, MaxBodyBytes: sf.Limits.MaxBodyBytes,
 				MaxStreamsPerPeer: sf.Limits.MaxStreamsPerPeer},
 			Retries:            sf.Retries,

@@ -178,6 +178,7 @@ func (c *peekedConn) Read(p []byte) (int, error) {
 var (
 	errPerTryTimeout  = errors.New("per-try timeout")
 	errOverallTimeout = errors.New("overall timeout")
+	errStreamIdle     = errors.New("stream idle timeout")
 )
 
 // noEndpointError: the destination unit has no endpoint of the service.
@@ -198,9 +199,10 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	cfg := &u.s.cfg
 	ctx, cancelAll := context.WithCancelCause(req.Context())
 	overall := &lateTimer{d: cfg.Timeouts.Overall, f: func() { cancelAll(errOverallTimeout) }}
+	watch := newIdleWatch(cfg.Timeouts.StreamIdle, func() { cancelAll(errStreamIdle) })
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody {
-		body = &retryBody{rc: req.Body}
+		body = &retryBody{rc: req.Body, watch: watch}
 		req.Body = body
 	}
 	body.whenSent(overall.arm)
@@ -210,6 +212,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 		ep := u.s.endpoints.Load().pick(rt.service, rt.unit, time.Now(), avoid)
 		if ep == nil {
 			overall.stop()
+			watch.stop()
 			cancelAll(nil)
 			body.closeReal()
 			if last != nil { // the unit's only endpoint failed: say how
@@ -221,7 +224,8 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err == nil {
 			overall.stop()
 			u.s.healthy(ep)
-			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { ep.stats.inflight.Add(-1); cancelAll(nil) }}
+			resp.Body = &doneBody{ReadCloser: resp.Body, watch: watch,
+				done: func() { ep.stats.inflight.Add(-1); watch.stop(); cancelAll(nil) }}
 			return resp, nil
 		}
 		ep.stats.inflight.Add(-1)
@@ -241,6 +245,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		if de == nil || body.sending() || attempt >= cfg.Retries || ctx.Err() != nil {
 			overall.stop()
+			watch.stop()
 			cancelAll(nil)
 			body.closeReal()
 			return nil, err
@@ -283,6 +288,7 @@ func (u *upstream) try(parent context.Context, req *http.Request, body *retryBod
 // *retryBody is a request without a body: sent from the start.
 type retryBody struct {
 	rc      io.ReadCloser
+	watch   *idleWatch // nil: none
 	started atomic.Bool
 	once    sync.Once
 
@@ -294,6 +300,7 @@ type retryBody struct {
 func (b *retryBody) Read(p []byte) (int, error) {
 	b.started.Store(true)
 	n, err := b.rc.Read(p)
+	b.watch.touch()
 	if err == io.EOF {
 		b.mu.Lock()
 		hooks := b.hooks
@@ -361,11 +368,19 @@ func (l *lateTimer) stop() {
 	}
 }
 
-// doneBody calls done once when the body is closed.
+// doneBody calls done once when the body is closed, and tells the watch
+// (if any) that the stream moves.
 type doneBody struct {
 	io.ReadCloser
-	once sync.Once
-	done func()
+	watch *idleWatch
+	once  sync.Once
+	done  func()
+}
+
+func (b *doneBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.watch.touch()
+	return n, err
 }
 
 func (b *doneBody) Close() error {
@@ -395,22 +410,25 @@ func refusedHandshake(err error) bool {
 // localTransport sends the app's requests for its own unit and service to
 // the app, bounded by the per-try timeout as a forwarded request is.
 type localTransport struct {
-	next   http.RoundTripper
-	perTry time.Duration
+	next       http.RoundTripper
+	perTry     time.Duration
+	streamIdle time.Duration
 }
 
 func (l localTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx, cancel := context.WithCancelCause(req.Context())
 	timer := &lateTimer{d: l.perTry, f: func() { cancel(errPerTryTimeout) }}
+	watch := newIdleWatch(l.streamIdle, func() { cancel(errStreamIdle) })
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody {
-		body = &retryBody{rc: req.Body}
+		body = &retryBody{rc: req.Body, watch: watch}
 		req.Body = body
 	}
 	body.whenSent(timer.arm)
 	resp, err := l.next.RoundTrip(req.WithContext(ctx))
 	timer.stop()
 	if err != nil {
+		watch.stop()
 		if c := context.Cause(ctx); c != nil && ctx.Err() != nil && req.Context().Err() == nil {
 			err = fmt.Errorf("%w: %w", c, err)
 		}
@@ -418,6 +436,54 @@ func (l localTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		body.closeReal()
 		return nil, err
 	}
-	resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(nil) }}
+	resp.Body = &doneBody{ReadCloser: resp.Body, watch: watch, done: func() { watch.stop(); cancel(nil) }}
 	return resp, nil
+}
+
+// idleWatch cancels a stream that moves no byte, either way, for d: a
+// stalled upload to an app that does not read, or a response that stops.
+type idleWatch struct {
+	d       time.Duration
+	cancel  func()
+	last    atomic.Int64 // unix nanos of the last progress
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
+
+func newIdleWatch(d time.Duration, cancel func()) *idleWatch {
+	w := &idleWatch{d: d, cancel: cancel}
+	w.touch()
+	w.mu.Lock()
+	w.t = time.AfterFunc(d, w.check)
+	w.mu.Unlock()
+	return w
+}
+
+func (w *idleWatch) check() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return
+	}
+	if idle := time.Since(time.Unix(0, w.last.Load())); idle < w.d {
+		w.t.Reset(w.d - idle)
+		return
+	}
+	w.stopped = true
+	w.cancel()
+}
+
+// touch records progress; nil-safe.
+func (w *idleWatch) touch() {
+	if w != nil {
+		w.last.Store(time.Now().UnixNano())
+	}
+}
+
+func (w *idleWatch) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.stopped = true
+	w.t.Stop()
 }

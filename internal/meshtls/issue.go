@@ -40,13 +40,9 @@ func NewCA(trustDomain string, validity time.Duration, now time.Time) (certPEM, 
 	if validity <= 0 {
 		return nil, nil, fmt.Errorf("validity %v is not positive", validity)
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, serial, err := newKey()
 	if err != nil {
-		return nil, nil, fmt.Errorf("generate key: %w", err)
-	}
-	serial, err := randomSerial()
-	if err != nil {
-		return nil, nil, fmt.Errorf("%w", err)
+		return nil, nil, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
@@ -106,13 +102,9 @@ func Issue(caCertPEM, caKeyPEM []byte, id ID, hosts []string, validity time.Dura
 	if notAfter.After(ca.NotAfter) {
 		notAfter = ca.NotAfter
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, serial, err := newKey()
 	if err != nil {
-		return nil, nil, fmt.Errorf("generate key: %w", err)
-	}
-	serial, err := randomSerial()
-	if err != nil {
-		return nil, nil, fmt.Errorf("%w", err)
+		return nil, nil, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
@@ -235,6 +227,19 @@ func caTrustDomain(ca *x509.Certificate) (string, error) {
 }
 
 // randomSerial returns a random, positive 128-bit serial number.
+// newKey makes a P-256 key and a random serial for its certificate.
+func newKey() (*ecdsa.PrivateKey, *big.Int, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("generate key: %w", err)
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, serial, nil
+}
+
 func randomSerial() (*big.Int, error) {
 	limit := new(big.Int).Lsh(big.NewInt(1), 128)
 	for {
