@@ -212,3 +212,45 @@ func TestAppCannotForgeSidecarAnswers(t *testing.T) {
 		t.Fatalf("x-cellmesh-unit %q, want eu-west-1", resp.Header.Get("x-cellmesh-unit"))
 	}
 }
+
+// A stalled upload to an app that neither reads nor answers is cut after
+// timeouts.stream_idle, and nothing stays in flight.
+func TestStreamIdleCutsStalledUpload(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	m := newMesh(t, meshOpts{configure: func(c *Config) { c.Timeouts.StreamIdle = 500 * time.Millisecond }})
+	m.nodes["eu-west-1"].app.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select { // neither reads the body nor answers
+		case <-r.Context().Done():
+		case <-release:
+		}
+	})
+	// By hand: net/http's client waits for its body writer before it
+	// returns an error, and this body never ends.
+	conn, err := net.Dial("tcp", m.nodes["us-east-1"].addrs.Outbound)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	start := time.Now()
+	io.WriteString(conn, "POST /upload HTTP/1.1\r\nHost: echo\r\nx-cellmesh-uid: 60\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n"+
+		strings.Repeat("x", 1024)+"\r\n") // then nothing more
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("%v\nus-east-1 log:\n%s", err, m.nodes["us-east-1"].logs.String())
+	}
+	body, _ := io.ReadAll(resp.Body)
+	wantSidecarError(t, resp, body, http.StatusGatewayTimeout, "stream-idle")
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("cut after %s", d)
+	}
+	waitFor(t, 5*time.Second, func() bool {
+		for _, e := range m.nodes["us-east-1"].sc.endpoints.Load().all {
+			if e.stats.inflight.Load() != 0 {
+				return false
+			}
+		}
+		return true
+	}, "no request in flight to any endpoint")
+}

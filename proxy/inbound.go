@@ -257,6 +257,9 @@ func (s *Sidecar) appError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, errPerTryTimeout):
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("%s did not answer within the per-try timeout of %s", app, s.cfg.Timeouts.PerTry))
 	case errors.Is(err, errStreamIdle):
+		// The client's body is stalled: do not wait to read the rest of it
+		// (net/http would, before answering), close the connection instead.
+		w.Header().Set("Connection", "close")
 		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from %s for %s (timeouts.stream_idle)", app, s.cfg.Timeouts.StreamIdle))
 	case errors.Is(err, syscall.ECONNREFUSED):
 		answer(w, http.StatusServiceUnavailable, "app-down", app+" refused the connection: is it running?")

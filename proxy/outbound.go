@@ -270,6 +270,9 @@ func (s *Sidecar) forwardError(w http.ResponseWriter, r *http.Request, err error
 	case errors.Is(err, errPerTryTimeout):
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the per-try timeout of %s", rt.unit, s.cfg.Timeouts.PerTry))
 	case errors.Is(err, errStreamIdle):
+		// The client's body is stalled: do not wait to read the rest of it
+		// (net/http would, before answering), close the connection instead.
+		w.Header().Set("Connection", "close")
 		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from unit %s for %s (timeouts.stream_idle)", rt.unit, s.cfg.Timeouts.StreamIdle))
 	case errors.Is(err, errOverallTimeout):
 		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the overall timeout of %s", rt.unit, s.cfg.Timeouts.Overall))
