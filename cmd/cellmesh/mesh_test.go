@@ -42,6 +42,7 @@ type procMesh struct {
 	units []*meshProc
 	by    map[string]*meshProc
 	topo  *routing.Topology
+	eps   string // the endpoints: lines of the sidecar files
 }
 
 func buildBinaries(t *testing.T) (cellmesh, echo string) {
@@ -114,6 +115,7 @@ func startProcMesh(t *testing.T, h2Units ...string) *procMesh {
 		}
 		fmt.Fprintf(&eps, "  - {service: echo, unit: %s, address: %s, transport: %s}\n", p.unit, addr, tr)
 	}
+	pm.eps = eps.String()
 	for _, p := range pm.units {
 		pm.writeTopology(p, topo)
 		cfg := fmt.Sprintf(`identity: {region: %s, unit: %s, service: echo}
@@ -354,6 +356,66 @@ func TestProcessMesh(t *testing.T) {
 		case err := <-p.sidecarDone:
 			t.Fatalf("the sidecar exited: %v", err)
 		default:
+		}
+	})
+
+	t.Run("a sidecar with a certificate from another CA is refused", func(t *testing.T) {
+		foreign := filepath.Join(pm.dir, "foreign")
+		pm.cli("certs", "init", "--dir", foreign, "--trust-domain", "cellmesh.test")
+		pm.cli("certs", "issue", "--dir", foreign, "--region", "us-east", "--unit", "us-east-1", "--service", "batch")
+		// It trusts the mesh CA too, so that only the mesh's side refuses.
+		var bundle []byte
+		for _, f := range []string{filepath.Join(foreign, "ca.pem"), filepath.Join(pm.dir, "certs", "ca.pem")} {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			bundle = append(bundle, b...)
+		}
+		if err := os.WriteFile(filepath.Join(foreign, "bundle.pem"), bundle, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		outbound, admin := freeTCP(t), freeTCP(t)
+		cfg := fmt.Sprintf(`identity: {region: us-east, unit: us-east-1, service: batch}
+app: %s
+listen: {outbound: %s, inbound_quic: %s, admin: %s}
+topology: %s
+tls: {ca: foreign/bundle.pem, cert: foreign/us-east-1-batch.pem, key: foreign/us-east-1-batch-key.pem}
+endpoints:
+%s`, freeTCP(t), outbound, freeUDP(t), admin, filepath.Base(pm.by["us-east-1"].topoPath), pm.eps)
+		path := filepath.Join(pm.dir, "foreign.yaml")
+		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f := &meshProc{unit: "foreign", sidecarLog: filepath.Join(pm.dir, "foreign-sidecar.log")}
+		f.sidecar, f.sidecarDone = pm.start(f.sidecarLog, pm.bin, "sidecar", "--config", path)
+		pm.waitHTTP("http://"+admin+"/readyz", f)
+		req, _ := http.NewRequest("GET", "http://"+outbound+"/", nil)
+		req.Host = "echo"
+		req.Header.Set("x-cellmesh-uid", "2088000000057") // eu-west-1, over QUIC
+		resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("x-cellmesh-error") != "unreachable" {
+			t.Fatalf("foreign sidecar: %d %q %s, want 503 unreachable", resp.StatusCode, resp.Header.Get("x-cellmesh-error"), body)
+		}
+		target := pm.by["eu-west-1"]
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			log, _ := os.ReadFile(target.sidecarLog)
+			if strings.Contains(string(log), "peer certificate refused") && strings.Contains(string(log), "reason=unknown-ca") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("eu-west-1 did not log the refusal with its reason:\n%s", log)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if !strings.Contains(metricsOf(t, target.admin), `cellmesh_tls_rejected_total{direction="inbound",reason="unknown-ca"}`) {
+			t.Error("eu-west-1 did not count the refusal")
 		}
 	})
 
