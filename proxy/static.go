@@ -252,7 +252,7 @@ func (s *Sidecar) Apply(st *Static) error {
 // certificates when one of them changes (checked every interval, or at
 // once when kick receives) until ctx ends. A file that does not load is
 // logged and changes nothing: the sidecar keeps routing with what it has.
-// Fields other than the map, the endpoints and the certificates take a
+// Settings other than the map, the endpoints and the certificates take a
 // restart; a change to them is logged.
 func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Duration, kick <-chan struct{}) {
 	var tick <-chan time.Time
@@ -290,10 +290,8 @@ func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Dur
 			s.m.reloads.WithLabelValues("error").Inc()
 			continue
 		}
-		if next.Config.Identity != st.Config.Identity || next.Config.App != st.Config.App ||
-			next.Config.Outbound != st.Config.Outbound || next.Config.InboundQUIC != st.Config.InboundQUIC ||
-			next.Config.InboundTCP != st.Config.InboundTCP || next.Config.Admin != st.Config.Admin || next.TLSFiles != st.TLSFiles {
-			s.log.Warn("identity, app, listen or tls paths changed in the config file: they take effect after a restart")
+		if next.Config != st.Config || next.TLSFiles != st.TLSFiles || next.Reload != st.Reload {
+			s.log.Warn("settings other than the topology and the endpoints changed in the config file: they take effect after a restart")
 		}
 		if err := s.Apply(next); err != nil {
 			s.log.Error("config reload refused; keeping the current map and endpoints", "error", err)
@@ -304,7 +302,7 @@ func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Dur
 			s.log.Info("now watching the new topology file", "topology", next.Topology)
 		}
 		// What takes a restart stays as it was; the rest follows the file.
-		next.Config, next.TLSFiles = st.Config, st.TLSFiles
+		next.Config, next.TLSFiles, next.Reload = st.Config, st.TLSFiles, st.Reload
 		st = next
 		files = []string{st.Path, st.Topology}
 		last = stamps(files)
