@@ -1,0 +1,192 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cellmesh/cellmesh/routing"
+	"github.com/cellmesh/cellmesh/routing/topofile"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func topology(t *testing.T) *routing.Topology {
+	t.Helper()
+	topo, err := topofile.Load("../../examples/local/topology.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return topo
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func open(t *testing.T, cfg Config) *Store {
+	t.Helper()
+	cfg.Fast = true
+	s, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func cmd(op string) Command { return Command{Op: op, Who: "test", At: time.Unix(1700000000, 0).UTC()} }
+
+// A single replica commits topology changes and moves, refuses a stale
+// epoch without changing anything, and comes back from disk with all of it.
+func TestSingleReplicaRestart(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{ID: "cp-1", Dir: dir, Bind: freeAddr(t), Bootstrap: true}
+	s := open(t, cfg)
+	waitFor(t, "leadership", s.IsLeader)
+	ctx := context.Background()
+	c := cmd(OpSetTopology)
+	c.Topology = topology(t)
+	if _, err := s.Apply(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	mv := cmd(OpMove)
+	mv.Shard, mv.To, mv.Epoch = 7, "eu-west-1", 1
+	m, err := s.Apply(ctx, mv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := m.Lookup(7); o.Unit != "eu-west-1" || o.Epoch != 2 || m.Version() != 2 {
+		t.Fatalf("after the move shard 7 is %s at epoch %d, version %d", o.Unit, o.Epoch, m.Version())
+	}
+	// The same move again carries a stale epoch: refused, nothing changes.
+	var re *RefusedError
+	if _, err := s.Apply(ctx, mv); !errors.As(err, &re) || !strings.Contains(err.Error(), "epoch 2, not 1") {
+		t.Fatalf("stale move: %v", err)
+	}
+	if s.Map().Version() != 2 {
+		t.Fatalf("a refused move changed the version to %d", s.Map().Version())
+	}
+	// An older topology is refused too.
+	old := cmd(OpSetTopology)
+	old.Topology = topology(t)
+	if _, err := s.Apply(ctx, old); !errors.As(err, &re) {
+		t.Fatalf("older topology: %v", err)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	mv2 := cmd(OpMove)
+	mv2.Shard, mv2.To, mv2.Epoch = 8, "us-east-2", 1
+	if _, err := s.Apply(ctx, mv2); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg.Bind = freeAddr(t)
+	cfg.Bootstrap = false
+	r := open(t, cfg)
+	waitFor(t, "the restarted replica to replay its log", func() bool { return r.Map() != nil && r.Map().Version() == 3 })
+	if o, _ := r.Map().Lookup(7); o.Unit != "eu-west-1" || o.Epoch != 2 {
+		t.Fatalf("after restart shard 7 is %s at epoch %d", o.Unit, o.Epoch)
+	}
+	if o, _ := r.Map().Lookup(8); o.Unit != "us-east-2" || o.Epoch != 2 {
+		t.Fatalf("after restart shard 8 is %s at epoch %d", o.Unit, o.Epoch)
+	}
+	acts := r.Actions()
+	if len(acts) != 3 || acts[1].Who != "test" || !strings.Contains(acts[1].What, "move shard 7 from us-east-1 to eu-west-1, epoch 2") {
+		t.Fatalf("operator log after restart: %+v", acts)
+	}
+}
+
+// Three replicas: writes go through the leader and reach every replica; a
+// follower refuses writes naming the leader; when the leader stops, the
+// others elect a new one and take writes.
+func TestThreeReplicas(t *testing.T) {
+	var voters []Voter
+	for _, id := range []string{"cp-1", "cp-2", "cp-3"} {
+		voters = append(voters, Voter{ID: id, Addr: freeAddr(t)})
+	}
+	var stores []*Store
+	for _, v := range voters {
+		stores = append(stores, open(t, Config{ID: v.ID, Dir: filepath.Join(t.TempDir(), v.ID), Bind: v.Addr, Bootstrap: true, Voters: voters}))
+	}
+	leader := func(among []*Store) *Store {
+		for _, s := range among {
+			if s.IsLeader() {
+				return s
+			}
+		}
+		return nil
+	}
+	waitFor(t, "a leader", func() bool { return leader(stores) != nil })
+	l := leader(stores)
+	ctx := context.Background()
+	c := cmd(OpSetTopology)
+	c.Topology = topology(t)
+	if _, err := l.Apply(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "every replica to have the topology", func() bool {
+		for _, s := range stores {
+			if s.Map() == nil {
+				return false
+			}
+		}
+		return true
+	})
+	for _, s := range stores {
+		if s == l {
+			continue
+		}
+		var nl *ErrNotLeader
+		if _, err := s.Apply(ctx, c); !errors.As(err, &nl) || nl.Leader != l.Addr() {
+			t.Fatalf("write on a follower: %v, want ErrNotLeader naming %s", err, l.Addr())
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var rest []*Store
+	for _, s := range stores {
+		if s != l {
+			rest = append(rest, s)
+		}
+	}
+	waitFor(t, "a new leader", func() bool { return leader(rest) != nil })
+	nl := leader(rest)
+	mv := cmd(OpMove)
+	mv.Shard, mv.To, mv.Epoch = 60, "us-east-1", 1
+	if _, err := nl.Apply(ctx, mv); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the move on both live replicas", func() bool {
+		for _, s := range rest {
+			if o, _ := s.Map().Lookup(60); o.Unit != "us-east-1" || o.Epoch != 2 {
+				return false
+			}
+		}
+		return true
+	})
+}
