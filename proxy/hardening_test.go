@@ -7,6 +7,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"runtime/pprof"
 	"strings"
 	"testing"
 	"time"
@@ -201,8 +202,12 @@ func TestAppCannotForgeSidecarAnswers(t *testing.T) {
 		w.Header().Set("x-cellmesh-error", "misrouted")
 		w.WriteHeader(http.StatusMisdirectedRequest)
 	})
-	m := newMesh(t, meshOpts{})
-	m.nodes["eu-west-1"].app.Config.Handler = forger
+	m := newMesh(t, meshOpts{app: func(id Identity) http.Handler {
+		if id.Unit == "eu-west-1" {
+			return forger
+		}
+		return nil
+	}})
 	resp, _ := do(t, newClient(), m.newReq("GET", "us-east-1", uidEUWest1, "/", nil))
 	if resp.StatusCode != http.StatusMisdirectedRequest || resp.Header.Get("x-cellmesh-owner") != "" || resp.Header.Get("x-cellmesh-error") != "" {
 		t.Fatalf("status %d owner %q error %q: the app's x-cellmesh-* answer headers went through", resp.StatusCode,
@@ -218,12 +223,20 @@ func TestAppCannotForgeSidecarAnswers(t *testing.T) {
 func TestStreamIdleCutsStalledUpload(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	m := newMesh(t, meshOpts{configure: func(c *Config) { c.Timeouts.StreamIdle = 500 * time.Millisecond }})
-	m.nodes["eu-west-1"].app.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	stall := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select { // neither reads the body nor answers
 		case <-r.Context().Done():
 		case <-release:
 		}
+	})
+	m := newMesh(t, meshOpts{
+		configure: func(c *Config) { c.Timeouts.StreamIdle = 500 * time.Millisecond },
+		app: func(id Identity) http.Handler {
+			if id.Unit == "eu-west-1" {
+				return stall
+			}
+			return nil
+		},
 	})
 	// By hand: net/http's client waits for its body writer before it
 	// returns an error, and this body never ends.
@@ -238,7 +251,10 @@ func TestStreamIdleCutsStalledUpload(t *testing.T) {
 		strings.Repeat("x", 1024)+"\r\n") // then nothing more
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
-		t.Fatalf("%v\nus-east-1 log:\n%s", err, m.nodes["us-east-1"].logs.String())
+		var stacks strings.Builder
+		pprof.Lookup("goroutine").WriteTo(&stacks, 1)
+		t.Fatalf("%v\nus-east-1 log:\n%s\neu-west-1 log:\n%s\ngoroutines:\n%s", err, m.nodes["us-east-1"].logs.String(),
+			m.nodes["eu-west-1"].logs.String(), stacks.String())
 	}
 	body, _ := io.ReadAll(resp.Body)
 	wantSidecarError(t, resp, body, http.StatusGatewayTimeout, "stream-idle")

@@ -119,6 +119,7 @@ type meshOpts struct {
 	h2Units   []string                      // units reached over HTTP/2 on TLS instead of QUIC
 	configure func(*Config)                 // changes every sidecar's config before New
 	store     func(Identity) *meshtls.Store // overrides the certificate of a unit
+	app       func(Identity) http.Handler   // overrides the echo of a unit (nil: echo)
 }
 
 func newMesh(t testing.TB, o meshOpts) *mesh {
@@ -128,7 +129,14 @@ func newMesh(t testing.TB, o meshOpts) *mesh {
 	for _, u := range m.topo.Units {
 		id := Identity{Region: u.Region, Unit: u.Name, Service: "echo"}
 		n := &node{id: id, reg: prometheus.NewRegistry(), logs: &syncBuffer{}}
-		n.app = httptest.NewServer(echo.Handler(echo.Info{Service: id.Service, Unit: id.Unit, Region: id.Region}, nil))
+		var h http.Handler
+		if o.app != nil {
+			h = o.app(id)
+		}
+		if h == nil {
+			h = echo.Handler(echo.Info{Service: id.Service, Unit: id.Unit, Region: id.Region}, nil)
+		}
+		n.app = httptest.NewServer(h)
 		t.Cleanup(n.app.Close)
 		var store *meshtls.Store
 		if o.store != nil {

@@ -445,14 +445,15 @@ func (l localTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 type idleWatch struct {
 	d       time.Duration
 	cancel  func()
-	last    atomic.Int64 // unix nanos of the last progress
+	base    time.Time    // monotonic origin of last
+	last    atomic.Int64 // nanoseconds from base to the last progress
 	mu      sync.Mutex
 	t       *time.Timer
 	stopped bool
 }
 
 func newIdleWatch(d time.Duration, cancel func()) *idleWatch {
-	w := &idleWatch{d: d, cancel: cancel}
+	w := &idleWatch{d: d, cancel: cancel, base: time.Now()}
 	w.touch()
 	w.mu.Lock()
 	w.t = time.AfterFunc(d, w.check)
@@ -466,7 +467,7 @@ func (w *idleWatch) check() {
 	if w.stopped {
 		return
 	}
-	if idle := time.Since(time.Unix(0, w.last.Load())); idle < w.d {
+	if idle := time.Since(w.base) - time.Duration(w.last.Load()); idle < w.d {
 		w.t.Reset(w.d - idle)
 		return
 	}
@@ -477,7 +478,7 @@ func (w *idleWatch) check() {
 // touch records progress; nil-safe.
 func (w *idleWatch) touch() {
 	if w != nil {
-		w.last.Store(time.Now().UnixNano())
+		w.last.Store(int64(time.Since(w.base))) // monotonic: a clock step changes nothing
 	}
 }
 

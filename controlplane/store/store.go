@@ -206,7 +206,9 @@ func (s *Store) Apply(ctx context.Context, cmd Command) (*routing.ShardMap, erro
 	}
 	timeout := 10 * time.Second
 	if dl, ok := ctx.Deadline(); ok {
-		timeout = time.Until(dl)
+		if timeout = time.Until(dl); timeout <= 0 {
+			return nil, fmt.Errorf("store: %w", context.DeadlineExceeded)
+		}
 	}
 	f := s.raft.Apply(data, timeout)
 	if err := f.Error(); err != nil {
