@@ -43,7 +43,9 @@ type ShardMap struct {
 	Regions []*Region    `protobuf:"bytes,7,rep,name=regions,proto3" json:"regions,omitempty"`
 	Units   []*Unit      `protobuf:"bytes,8,rep,name=units,proto3" json:"units,omitempty"`
 	// assignments: one per shard, and shard -1 for the global gzone writer.
-	Assignments   []*Assignment `protobuf:"bytes,9,rep,name=assignments,proto3" json:"assignments,omitempty"`
+	Assignments []*Assignment `protobuf:"bytes,9,rep,name=assignments,proto3" json:"assignments,omitempty"`
+	// name is the xDS resource name ("cellmesh": there is one map).
+	Name          string `protobuf:"bytes,10,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -139,6 +141,13 @@ func (x *ShardMap) GetAssignments() []*Assignment {
 		return x.Assignments
 	}
 	return nil
+}
+
+func (x *ShardMap) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
 }
 
 type ShardRule struct {
@@ -647,7 +656,9 @@ type Lease struct {
 	// ttl_millis: how long the grant lasts from its receipt.
 	TtlMillis uint64 `protobuf:"varint,2,opt,name=ttl_millis,json=ttlMillis,proto3" json:"ttl_millis,omitempty"`
 	// seq rises with every grant, so a late duplicate is ignored.
-	Seq           uint64 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	Seq uint64 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	// name is the xDS resource name: the unit's.
+	Name          string `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -703,11 +714,18 @@ func (x *Lease) GetSeq() uint64 {
 	return 0
 }
 
+func (x *Lease) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 var File_cellmesh_proto protoreflect.FileDescriptor
 
 const file_cellmesh_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecellmesh.proto\x12\vcellmesh.v1\"\x82\x03\n" +
+	"\x0ecellmesh.proto\x12\vcellmesh.v1\"\x96\x03\n" +
 	"\bShardMap\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x16\n" +
 	"\x06shards\x18\x02 \x01(\rR\x06shards\x12*\n" +
@@ -717,7 +735,9 @@ const file_cellmesh_proto_rawDesc = "" +
 	"\x06safety\x18\x06 \x01(\v2\x13.cellmesh.v1.SafetyR\x06safety\x12-\n" +
 	"\aregions\x18\a \x03(\v2\x13.cellmesh.v1.RegionR\aregions\x12'\n" +
 	"\x05units\x18\b \x03(\v2\x11.cellmesh.v1.UnitR\x05units\x129\n" +
-	"\vassignments\x18\t \x03(\v2\x17.cellmesh.v1.AssignmentR\vassignments\"7\n" +
+	"\vassignments\x18\t \x03(\v2\x17.cellmesh.v1.AssignmentR\vassignments\x12\x12\n" +
+	"\x04name\x18\n" +
+	" \x01(\tR\x04name\"7\n" +
 	"\tShardRule\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x16\n" +
 	"\x06digits\x18\x02 \x03(\rR\x06digits\"3\n" +
@@ -753,12 +773,13 @@ const file_cellmesh_proto_rawDesc = "" +
 	"\aprimary\x18\x02 \x01(\tR\aprimary\x12\x1a\n" +
 	"\bstandbys\x18\x03 \x03(\tR\bstandbys\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x14\n" +
-	"\x05state\x18\x05 \x01(\tR\x05state\"L\n" +
+	"\x05state\x18\x05 \x01(\tR\x05state\"`\n" +
 	"\x05Lease\x12\x12\n" +
 	"\x04unit\x18\x01 \x01(\tR\x04unit\x12\x1d\n" +
 	"\n" +
 	"ttl_millis\x18\x02 \x01(\x04R\tttlMillis\x12\x10\n" +
-	"\x03seq\x18\x03 \x01(\x04R\x03seqBDZBgithub.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1;cellmeshv1b\x06proto3"
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12\x12\n" +
+	"\x04name\x18\x04 \x01(\tR\x04nameBDZBgithub.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1;cellmeshv1b\x06proto3"
 
 var (
 	file_cellmesh_proto_rawDescOnce sync.Once
