@@ -31,9 +31,9 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 	id := s.cfg.Identity
 	rt := &route{direction: "inbound", service: id.Service, unit: id.Unit, region: id.Region,
 		shard: routing.GlobalShard, shadow: r.Header.Get(hdrShadow) == "1"}
-	s.m.inflight.WithLabelValues(rt.direction).Inc()
+	s.m.inflightBy[rt.direction].Inc()
 	defer func() {
-		s.m.inflight.WithLabelValues(rt.direction).Dec()
+		s.m.inflightBy[rt.direction].Dec()
 		s.m.observe(rt.direction, rt.service, rt.src, id.Unit, rt.zone, sw.code(), rt.shadow, time.Since(start))
 	}()
 	rh := sw.Header()
@@ -106,7 +106,7 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 				answer(sw, http.StatusBadRequest, "unfenced", fmt.Sprintf("x-cellmesh-shard is missing: a request for %s data (shard %s) must carry its shard and epoch", d.Zone, want))
 				return
 			case want:
-				if !s.fence(sw, r, m, rt, v) {
+				if !s.fence(sw, r, m, rt, d.Shard) {
 					return
 				}
 			default:
@@ -122,24 +122,17 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 	s.appProxy.ServeHTTP(sw, r)
 }
 
-// fence checks a request's shard and epoch against the map. It returns
+// fence checks the epoch of a request for shard (its key's, which the
+// request's x-cellmesh-shard matched) against the map. It returns
 // true when this unit owns the shard at that epoch; otherwise it has
 // answered (421, 400 or 503) or corrected the route, and returns false.
-func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, rt *route, v string) bool {
-	shard := routing.GlobalShard
-	if v != globalShard {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			answer(w, http.StatusBadRequest, "bad-shard", fmt.Sprintf("x-cellmesh-shard %q: want a shard number or %q", v, globalShard))
-			return false
-		}
-		shard = n
-	}
+func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, rt *route, shard int) bool {
 	owner, err := m.Lookup(shard)
 	if err != nil {
 		answer(w, http.StatusBadRequest, "bad-shard", "x-cellmesh-shard: "+err.Error())
 		return false
 	}
+	v := routing.ShardName(shard)
 	epoch, err := strconv.ParseUint(r.Header.Get(hdrEpoch), 10, 64)
 	if err != nil {
 		answer(w, http.StatusBadRequest, "bad-epoch", fmt.Sprintf("x-cellmesh-epoch %q: want the shard's epoch, a whole number", r.Header.Get(hdrEpoch)))
@@ -155,7 +148,7 @@ func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, r
 		// shard, so neither take the request nor point elsewhere.
 		w.Header().Set("Retry-After", "1")
 		w.Header().Set(hdrEpoch, strconv.FormatUint(owner.Epoch, 10))
-		answer(w, http.StatusServiceUnavailable, "map-behind", fmt.Sprintf("shard %s has epoch %d here but %d in the request: this sidecar's map (version %d) is behind; retry", v, owner.Epoch, epoch, m.Version()))
+		answer(w, http.StatusServiceUnavailable, "map-behind", fmt.Sprintf("%s has epoch %d here but %d in the request: this sidecar's map (version %d) is behind; retry", v, owner.Epoch, epoch, m.Version()))
 		return false
 	case epoch < owner.Epoch:
 		s.m.fenced.Inc()
@@ -175,7 +168,7 @@ func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, r
 	s.m.misrouted.WithLabelValues("refused").Inc()
 	w.Header().Set(hdrOwner, owner.Unit)
 	w.Header().Set(hdrEpoch, strconv.FormatUint(owner.Epoch, 10))
-	answer(w, http.StatusMisdirectedRequest, "misrouted", fmt.Sprintf("shard %s is owned by unit %s at epoch %d; the request was for epoch %d at unit %s", v, owner.Unit, owner.Epoch, epoch, self))
+	answer(w, http.StatusMisdirectedRequest, "misrouted", fmt.Sprintf("%s is owned by unit %s at epoch %d; the request was for epoch %d at unit %s", v, owner.Unit, owner.Epoch, epoch, self))
 	return false
 }
 
@@ -241,26 +234,13 @@ func (s *Sidecar) appResponse(resp *http.Response) error {
 
 // appError answers when the local app did not.
 func (s *Sidecar) appError(w http.ResponseWriter, r *http.Request, err error) {
-	if routeOf(r.Context()).tooLarge.Load() {
-		answer(w, http.StatusRequestEntityTooLarge, "body-too-large", fmt.Sprintf("request body is over the limit of %d bytes", s.cfg.Limits.MaxBodyBytes))
-		return
-	}
-	if r.Context().Err() != nil {
-		if sw, ok := w.(*statusWriter); ok {
-			sw.status = 499
-		}
-		return
-	}
 	app := fmt.Sprintf("the %s app of unit %s at %s", s.cfg.Identity.Service, s.cfg.Identity.Unit, s.cfg.App)
+	if s.commonError(w, r, err, app) {
+		s.log.Debug("app request failed", "error", err)
+		return
+	}
 	var ne net.Error
 	switch {
-	case errors.Is(err, errPerTryTimeout):
-		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("%s did not answer within the per-try timeout of %s", app, s.cfg.Timeouts.PerTry))
-	case errors.Is(err, errStreamIdle):
-		// The client's body is stalled: do not wait to read the rest of it
-		// (net/http would, before answering), close the connection instead.
-		w.Header().Set("Connection", "close")
-		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from %s for %s (timeouts.stream_idle)", app, s.cfg.Timeouts.StreamIdle))
 	case errors.Is(err, syscall.ECONNREFUSED):
 		answer(w, http.StatusServiceUnavailable, "app-down", app+" refused the connection: is it running?")
 	case errors.As(err, &ne) && ne.Timeout():

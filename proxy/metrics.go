@@ -14,6 +14,8 @@ type metrics struct {
 	misrouted   *prometheus.CounterVec
 	fenced      prometheus.Counter
 	inflight    *prometheus.GaugeVec
+	// inflightBy are inflight's two children, looked up once.
+	inflightBy map[string]prometheus.Gauge
 	tlsRejected *prometheus.CounterVec
 	unreachable *prometheus.CounterVec
 	reloads     *prometheus.CounterVec
@@ -67,6 +69,10 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 			Name: "cellmesh_ready",
 			Help: "1 while the sidecar is ready for traffic (a shard map loaded, listening, not draining).",
 		}),
+	}
+	m.inflightBy = map[string]prometheus.Gauge{
+		"outbound": m.inflight.WithLabelValues("outbound"),
+		"inbound":  m.inflight.WithLabelValues("inbound"),
 	}
 	certExpiry := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "cellmesh_certificate_expiry_timestamp_seconds",

@@ -76,9 +76,9 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 	sw := &statusWriter{ResponseWriter: w}
 	rt := &route{direction: "outbound", src: s.cfg.Identity.Unit, shard: routing.GlobalShard,
 		shadow: r.Header.Get(hdrShadow) == "1"}
-	s.m.inflight.WithLabelValues(rt.direction).Inc()
+	s.m.inflightBy[rt.direction].Inc()
 	defer func() {
-		s.m.inflight.WithLabelValues(rt.direction).Dec()
+		s.m.inflightBy[rt.direction].Dec()
 		s.m.observe(rt.direction, rt.service, rt.src, rt.unit, rt.zone, sw.code(), rt.shadow, time.Since(start))
 	}()
 
@@ -251,11 +251,9 @@ func (s *Sidecar) routingHeaders(h, in http.Header, rt *route) {
 // failed, and what to do, with x-cellmesh-error naming the kind.
 func (s *Sidecar) forwardError(w http.ResponseWriter, r *http.Request, err error) {
 	rt := routeOf(r.Context())
-	if r.Context().Err() != nil {
-		// The client went away; nobody reads an answer. 499 as nginx counts it.
-		if sw, ok := w.(*statusWriter); ok {
-			sw.status = 499
-		}
+	target := "unit " + rt.unit
+	if s.commonError(w, r, err, target) {
+		s.log.Debug("forward failed", "direction", rt.direction, "dst_unit", rt.unit, "error", err)
 		return
 	}
 	var (
@@ -263,27 +261,44 @@ func (s *Sidecar) forwardError(w http.ResponseWriter, r *http.Request, err error
 		de *dialError
 	)
 	switch {
-	case rt.tooLarge.Load():
-		answer(w, http.StatusRequestEntityTooLarge, "body-too-large", fmt.Sprintf("request body is over the limit of %d bytes", s.cfg.Limits.MaxBodyBytes))
 	case errors.As(err, &ne):
 		answer(w, http.StatusServiceUnavailable, "no-endpoint", ne.Error()+": check the endpoints of the configuration or the control plane")
+	case errors.Is(err, errOverallTimeout):
+		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("%s did not answer within the overall timeout of %s", target, s.cfg.Timeouts.Overall))
+	case errors.As(err, &de):
+		answer(w, http.StatusServiceUnavailable, "unreachable", fmt.Sprintf("%s is unreachable: %v", target, de))
+	case errors.As(err, new(*quic.IdleTimeoutError)):
+		answer(w, http.StatusServiceUnavailable, "unreachable", fmt.Sprintf("%s went silent (QUIC idle timeout): %v", target, err))
+	default:
+		answer(w, http.StatusBadGateway, "upstream", fmt.Sprintf("forwarding to %s failed: %v", target, err))
+	}
+	s.log.Debug("forward failed", "direction", rt.direction, "dst_unit", rt.unit, "error", err)
+}
+
+// commonError answers the failures every proxy of the sidecar shares: the
+// client gone (499, nothing written), a body over the limit, the per-try
+// and stream idle timeouts. It reports whether it answered; target names
+// who did not answer ("unit eu-west-1", "the echo app of ...").
+func (s *Sidecar) commonError(w http.ResponseWriter, r *http.Request, err error, target string) bool {
+	switch {
+	case r.Context().Err() != nil:
+		// The client went away; nobody reads an answer. 499 as nginx counts it.
+		if sw, ok := w.(*statusWriter); ok {
+			sw.status = 499
+		}
+	case routeOf(r.Context()).tooLarge.Load():
+		answer(w, http.StatusRequestEntityTooLarge, "body-too-large", fmt.Sprintf("request body is over the limit of %d bytes", s.cfg.Limits.MaxBodyBytes))
 	case errors.Is(err, errPerTryTimeout):
-		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the per-try timeout of %s", rt.unit, s.cfg.Timeouts.PerTry))
+		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("%s did not answer within the per-try timeout of %s", target, s.cfg.Timeouts.PerTry))
 	case errors.Is(err, errStreamIdle):
 		// The client's body is stalled: do not wait to read the rest of it
 		// (net/http would, before answering), close the connection instead.
 		w.Header().Set("Connection", "close")
-		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from unit %s for %s (timeouts.stream_idle)", rt.unit, s.cfg.Timeouts.StreamIdle))
-	case errors.Is(err, errOverallTimeout):
-		answer(w, http.StatusGatewayTimeout, "timeout", fmt.Sprintf("unit %s did not answer within the overall timeout of %s", rt.unit, s.cfg.Timeouts.Overall))
-	case errors.As(err, &de):
-		answer(w, http.StatusServiceUnavailable, "unreachable", fmt.Sprintf("unit %s is unreachable: %v", rt.unit, de))
-	case errors.As(err, new(*quic.IdleTimeoutError)):
-		answer(w, http.StatusServiceUnavailable, "unreachable", fmt.Sprintf("unit %s went silent (QUIC idle timeout): %v", rt.unit, err))
+		answer(w, http.StatusGatewayTimeout, "stream-idle", fmt.Sprintf("no byte moved to or from %s for %s (timeouts.stream_idle)", target, s.cfg.Timeouts.StreamIdle))
 	default:
-		answer(w, http.StatusBadGateway, "upstream", fmt.Sprintf("forwarding to unit %s failed: %v", rt.unit, err))
+		return false
 	}
-	s.log.Debug("forward failed", "direction", rt.direction, "dst_unit", rt.unit, "error", err)
+	return true
 }
 
 // answer writes the sidecar's own reply: a one-line plain-text body.
