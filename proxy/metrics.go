@@ -9,13 +9,13 @@ import (
 
 // metrics are the sidecar's Prometheus metrics (DESIGN.md, "Metrics").
 type metrics struct {
-	requests    *prometheus.CounterVec
-	duration    *prometheus.HistogramVec
-	misrouted   *prometheus.CounterVec
-	fenced      prometheus.Counter
-	inflight    *prometheus.GaugeVec
+	requests  *prometheus.CounterVec
+	duration  *prometheus.HistogramVec
+	misrouted *prometheus.CounterVec
+	fenced    prometheus.Counter
+	inflight  *prometheus.GaugeVec
 	// inflightBy are inflight's two children, looked up once.
-	inflightBy map[string]prometheus.Gauge
+	inflightBy  map[string]prometheus.Gauge
 	tlsRejected *prometheus.CounterVec
 	unreachable *prometheus.CounterVec
 	reloads     *prometheus.CounterVec
