@@ -30,12 +30,12 @@ import (
 	"github.com/cellmesh/cellmesh/routing"
 )
 
-// Type URLs of the cellmesh resources.
+// Type URLs and names of the cellmesh resources (internal/xdsapi holds
+// them, shared with the sidecar).
 const (
-	ShardMapType = "type.googleapis.com/cellmesh.v1.ShardMap"
-	LeaseType    = "type.googleapis.com/cellmesh.v1.Lease"
-	// ShardMapName is the name of the one ShardMap resource.
-	ShardMapName = "cellmesh"
+	ShardMapType = xdsapi.ShardMapType
+	LeaseType    = xdsapi.LeaseType
+	ShardMapName = xdsapi.ShardMapName
 )
 
 // Endpoint is a registered instance of a service: its sidecar's inbound
@@ -45,7 +45,7 @@ type Endpoint struct {
 }
 
 // ClusterName names the cluster of a service in a unit.
-func ClusterName(service, unit string) string { return "cellmesh|" + service + "|" + unit }
+func ClusterName(service, unit string) string { return xdsapi.ClusterName(service, unit) }
 
 // Resources are what one version serves.
 type Resources struct {

@@ -215,3 +215,8 @@ func PeerID(certs []*x509.Certificate) (ID, error) {
 	}
 	return ParseID(leaf.URIs[0].String())
 }
+
+// ControlPlaneService is the service of a control-plane replica's ID: its
+// certificate says spiffe://<td>/region/<R>/unit/<replica>/service/
+// cellmesh-controlplane, and sidecars accept an xDS server only with it.
+const ControlPlaneService = "cellmesh-controlplane"
