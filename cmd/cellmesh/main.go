@@ -38,6 +38,10 @@ func commands() []command {
 		{"sidecar", "run the sidecar beside a service instance (sidecar --config FILE)", runSidecar},
 		{"plan", "compute a plan (evacuate, fail, add-unit, remove-unit) and check it against the safety rules", runPlan},
 		{"certs", "make the mesh CA (certs init) and workload certificates (certs issue)", runCerts},
+		{"controlplane", "run a control-plane replica: raft state, xDS for the sidecars, operator API", runControlPlane},
+		{"status", "show the control plane: replicas, leader, units with their shards and sidecars", runStatus},
+		{"shards", "list the shard map (owner, epoch, state, standbys), by unit or region", runShards},
+		{"move", "move a shard's primary to another unit (move SHARD --to UNIT)", runMove},
 	}
 }
 

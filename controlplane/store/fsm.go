@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,17 +23,67 @@ const (
 	// OpMove makes To the primary of Shard if its epoch is still Epoch:
 	// epoch+1, the old primary first among the standbys, version+1.
 	OpMove = "move"
+	// OpEndpoints applies Endpoints in order: a registration records a
+	// sidecar connected to a replica's xDS server, replacing any record of
+	// the same address and transport; a deregistration drops the record
+	// of its address and transport only if it is still of the same
+	// session (a sidecar that moved to another replica has a newer
+	// session, which stays). A registration the map cannot route to is
+	// skipped.
+	OpEndpoints = "endpoints"
+	// OpReplica records where Replica serves its API and xDS.
+	OpReplica = "replica"
+	// OpForgetReplica drops the record of replica Replica.ID.
+	OpForgetReplica = "forget-replica"
 )
+
+// Registration is a sidecar registered as an endpoint of its service in
+// its unit, through the xDS stream it holds with a replica.
+type Registration struct {
+	Service   string    `json:"service"`
+	Unit      string    `json:"unit"`
+	Region    string    `json:"region"`
+	Address   string    `json:"address"`
+	Transport string    `json:"transport"`
+	Node      string    `json:"node"`
+	Via       string    `json:"via"`
+	Session   string    `json:"session"`
+	Since     time.Time `json:"since"`
+}
+
+// EndpointChange registers or deregisters an endpoint.
+type EndpointChange struct {
+	Deregister bool `json:"deregister,omitempty"`
+	// Purge drops every record registered via Registration.Via whose
+	// session does not start with Registration.Session: a restarted
+	// replica drops the sessions of its earlier life.
+	Purge        bool `json:"purge,omitempty"`
+	Registration `json:"registration"`
+}
+
+func (r Registration) key() string { return r.Transport + "://" + r.Address }
+
+// Replica is where a control-plane replica serves: its raft, API and xDS
+// addresses.
+type Replica struct {
+	ID     string `json:"id"`
+	Region string `json:"region,omitempty"`
+	Raft   string `json:"raft"`
+	API    string `json:"api"`
+	XDS    string `json:"xds"`
+}
 
 // Command is one change of the state, with who asked for it and when.
 type Command struct {
-	Op       string            `json:"op"`
-	Topology *routing.Topology `json:"topology,omitempty"`
-	Shard    int               `json:"shard,omitempty"`
-	To       string            `json:"to,omitempty"`
-	Epoch    uint64            `json:"epoch,omitempty"`
-	Who      string            `json:"who"`
-	At       time.Time         `json:"at"`
+	Op        string            `json:"op"`
+	Topology  *routing.Topology `json:"topology,omitempty"`
+	Shard     int               `json:"shard,omitempty"`
+	To        string            `json:"to,omitempty"`
+	Epoch     uint64            `json:"epoch,omitempty"`
+	Endpoints []EndpointChange  `json:"endpoints,omitempty"`
+	Replica   *Replica          `json:"replica,omitempty"`
+	Who       string            `json:"who"`
+	At        time.Time         `json:"at"`
 }
 
 // Action is an applied command as the operator log keeps it.
@@ -51,12 +103,34 @@ type RefusedError struct{ Reason string }
 
 func (e *RefusedError) Error() string { return "refused: " + e.Reason }
 
+// State is the replicated state at one raft index. It is immutable: a
+// change makes a new State.
+type State struct {
+	// Index is the raft index of the last change (0 before any): every
+	// replica that applied the same log has the same Index for the same
+	// state, so it versions what the replicas serve.
+	Index uint64
+	// Map is the shard map, nil before the first topology.
+	Map *routing.ShardMap
+	// Endpoints are the registered sidecars, by transport and address.
+	Endpoints []Registration
+	// Replicas are the recorded control-plane replicas, by ID.
+	Replicas []Replica
+}
+
 // fsm is the raft state machine. Apply runs on one goroutine (raft's);
 // readers use cur and actions.
 type fsm struct {
-	cur  atomic.Pointer[routing.ShardMap]
-	mu   sync.Mutex
-	acts []Action
+	cur     atomic.Pointer[State]
+	changed chan struct{} // signalled after every change, capacity 1
+	mu      sync.Mutex
+	acts    []Action
+}
+
+func newFSM() *fsm {
+	f := &fsm{changed: make(chan struct{}, 1)}
+	f.cur.Store(&State{})
+	return f
 }
 
 func (f *fsm) actions() []Action {
@@ -65,28 +139,151 @@ func (f *fsm) actions() []Action {
 	return slices.Clone(f.acts)
 }
 
+func (f *fsm) notify() {
+	select {
+	case f.changed <- struct{}{}:
+	default:
+	}
+}
+
 func (f *fsm) Apply(l *raft.Log) any {
 	var cmd Command
 	if err := json.Unmarshal(l.Data, &cmd); err != nil {
 		return &RefusedError{Reason: "undecodable command: " + err.Error()}
 	}
-	next, what, err := f.next(cmd)
+	cur := f.cur.Load()
+	next, what, err := f.next(cur, cmd)
 	if err != nil {
 		return err
 	}
-	f.cur.Store(next)
-	f.mu.Lock()
-	f.acts = append(f.acts, Action{Index: l.Index, At: cmd.At, Who: cmd.Who, What: what, Version: next.Version()})
-	if len(f.acts) > maxActions {
-		f.acts = slices.Clone(f.acts[len(f.acts)-maxActions:])
+	if next == nil { // nothing to change
+		return cur.Map
 	}
-	f.mu.Unlock()
-	return next
+	next.Index = l.Index
+	f.cur.Store(next)
+	if what != "" {
+		var version uint64
+		if next.Map != nil {
+			version = next.Map.Version()
+		}
+		f.mu.Lock()
+		f.acts = append(f.acts, Action{Index: l.Index, At: cmd.At, Who: cmd.Who, What: what, Version: version})
+		if len(f.acts) > maxActions {
+			f.acts = slices.Clone(f.acts[len(f.acts)-maxActions:])
+		}
+		f.mu.Unlock()
+	}
+	f.notify()
+	return next.Map
 }
 
-// next computes the map a command leads to, or why it is refused.
-func (f *fsm) next(cmd Command) (*routing.ShardMap, string, error) {
-	cur := f.cur.Load()
+// next computes the state a command leads to (nil: no change) and what
+// the operator log says of it ("": not an operator action), or why it is
+// refused.
+func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
+	with := func(m *routing.ShardMap) *State {
+		n := *cur
+		n.Map = m
+		return &n
+	}
+	switch cmd.Op {
+	case OpSetTopology, OpMove:
+		m, what, err := nextMap(cur.Map, cmd)
+		if err != nil {
+			return nil, "", err
+		}
+		// Registrations of units the new map no longer has are dropped.
+		n := with(m)
+		n.Endpoints = slices.DeleteFunc(slices.Clone(cur.Endpoints), func(r Registration) bool {
+			_, ok := m.Unit(r.Unit)
+			return !ok
+		})
+		return n, what, nil
+	case OpEndpoints:
+		eps := slices.Clone(cur.Endpoints)
+		changed := false
+		for _, c := range cmd.Endpoints {
+			r := c.Registration
+			i := slices.IndexFunc(eps, func(o Registration) bool { return o.key() == r.key() })
+			switch {
+			case c.Purge:
+				n := len(eps)
+				eps = slices.DeleteFunc(eps, func(o Registration) bool {
+					return o.Via == r.Via && !strings.HasPrefix(o.Session, r.Session)
+				})
+				changed = changed || len(eps) != n
+			case c.Deregister && i >= 0 && eps[i].Session == r.Session:
+				eps = slices.Delete(eps, i, i+1)
+				changed = true
+			case c.Deregister:
+			case CheckRegistration(cur.Map, r) != nil:
+			case i >= 0:
+				eps[i], changed = r, true
+			default:
+				eps, changed = append(eps, r), true
+			}
+		}
+		if !changed {
+			return nil, "", nil
+		}
+		slices.SortFunc(eps, func(a, b Registration) int { return strings.Compare(a.key(), b.key()) })
+		n := with(cur.Map)
+		n.Endpoints = eps
+		return n, "", nil
+	case OpReplica:
+		r := cmd.Replica
+		if r == nil || r.ID == "" || r.Raft == "" || r.API == "" {
+			return nil, "", &RefusedError{Reason: "replica record needs an id and its raft and api addresses"}
+		}
+		i := slices.IndexFunc(cur.Replicas, func(o Replica) bool { return o.ID == r.ID })
+		if i >= 0 && cur.Replicas[i] == *r {
+			return nil, "", nil
+		}
+		n := with(cur.Map)
+		n.Replicas = slices.DeleteFunc(slices.Clone(cur.Replicas), func(o Replica) bool { return o.ID == r.ID })
+		n.Replicas = append(n.Replicas, *r)
+		slices.SortFunc(n.Replicas, func(a, b Replica) int { return strings.Compare(a.ID, b.ID) })
+		return n, fmt.Sprintf("replica %s serves api %s, xds %s, raft %s", r.ID, r.API, r.XDS, r.Raft), nil
+	case OpForgetReplica:
+		if cmd.Replica == nil {
+			return nil, "", &RefusedError{Reason: "forget-replica without a replica"}
+		}
+		i := slices.IndexFunc(cur.Replicas, func(o Replica) bool { return o.ID == cmd.Replica.ID })
+		if i < 0 {
+			return nil, "", nil
+		}
+		n := with(cur.Map)
+		n.Replicas = slices.Delete(slices.Clone(cur.Replicas), i, i+1)
+		return n, fmt.Sprintf("replica %s removed", cmd.Replica.ID), nil
+	}
+	return nil, "", &RefusedError{Reason: fmt.Sprintf("unknown op %q", cmd.Op)}
+}
+
+// CheckRegistration refuses an endpoint the map cannot route to.
+func CheckRegistration(m *routing.ShardMap, r Registration) error {
+	if m == nil {
+		return &RefusedError{Reason: "no topology yet: endpoints register once the topology is set"}
+	}
+	u, ok := m.Unit(r.Unit)
+	switch {
+	case !ok:
+		return &RefusedError{Reason: fmt.Sprintf("unit %q is not in topology version %d", r.Unit, m.Version())}
+	case r.Region != "" && r.Region != u.Region:
+		return &RefusedError{Reason: fmt.Sprintf("unit %s is in region %s, not %s", r.Unit, u.Region, r.Region)}
+	case r.Service == "":
+		return &RefusedError{Reason: "endpoint without a service"}
+	case r.Transport != "quic" && r.Transport != "h2":
+		return &RefusedError{Reason: fmt.Sprintf("transport %q: want quic or h2", r.Transport)}
+	}
+	if _, err := netip.ParseAddrPort(r.Address); err != nil {
+		return &RefusedError{Reason: fmt.Sprintf("endpoint address %q: want ip:port", r.Address)}
+	}
+	return nil
+}
+
+// nextMap computes the map a topology change or a move leads to, or why it
+// is refused.
+func nextMap(cur *routing.ShardMap, cmd Command) (*routing.ShardMap, string, error) {
 	switch cmd.Op {
 	case OpSetTopology:
 		if cmd.Topology == nil {
@@ -112,6 +309,12 @@ func (f *fsm) next(cmd Command) (*routing.ShardMap, string, error) {
 		}
 		if owner.Epoch != cmd.Epoch {
 			return nil, "", &RefusedError{Reason: fmt.Sprintf("%s is at epoch %d, not %d: read it again", routing.ShardName(cmd.Shard), owner.Epoch, cmd.Epoch)}
+		}
+		if _, ok := cur.Unit(cmd.To); !ok {
+			return nil, "", &RefusedError{Reason: fmt.Sprintf("unit %q is not in topology version %d", cmd.To, cur.Version())}
+		}
+		if owner.State != routing.StateServing {
+			return nil, "", &RefusedError{Reason: fmt.Sprintf("%s is %s: a shard moves only while serving", routing.ShardName(cmd.Shard), owner.State)}
 		}
 		if owner.Unit == cmd.To {
 			return nil, "", &RefusedError{Reason: fmt.Sprintf("%s is already on %s", routing.ShardName(cmd.Shard), cmd.To)}
@@ -142,16 +345,19 @@ func (f *fsm) next(cmd Command) (*routing.ShardMap, string, error) {
 
 // snapshotState is what a snapshot holds.
 type snapshotState struct {
-	Topology *routing.Topology `json:"topology"`
-	Actions  []Action          `json:"actions"`
+	Index     uint64            `json:"index"`
+	Topology  *routing.Topology `json:"topology"`
+	Endpoints []Registration    `json:"endpoints"`
+	Replicas  []Replica         `json:"replicas"`
+	Actions   []Action          `json:"actions"`
 }
 
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
-	var st snapshotState
-	if m := f.cur.Load(); m != nil {
-		st.Topology = m.Topology()
+	cur := f.cur.Load()
+	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Actions: f.actions()}
+	if cur.Map != nil {
+		st.Topology = cur.Map.Topology()
 	}
-	st.Actions = f.actions()
 	return &snapshot{st}, nil
 }
 
@@ -161,17 +367,18 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if err := json.NewDecoder(rc).Decode(&st); err != nil {
 		return fmt.Errorf("decode snapshot: %w", err)
 	}
-	var m *routing.ShardMap
+	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas}
 	if st.Topology != nil {
 		var err error
-		if m, err = routing.Compile(st.Topology); err != nil {
+		if n.Map, err = routing.Compile(st.Topology); err != nil {
 			return fmt.Errorf("snapshot topology: %w", err)
 		}
 	}
-	f.cur.Store(m)
+	f.cur.Store(n)
 	f.mu.Lock()
 	f.acts = st.Actions
 	f.mu.Unlock()
+	f.notify()
 	return nil
 }
 

@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -35,8 +36,13 @@ type Config struct {
 	ID string
 	// Dir holds the raft log, its stable state and snapshots, required.
 	Dir string
-	// Bind is the raft transport's TCP address, required (ip:port).
+	// Bind is the raft transport's TCP address, required (ip:port). When
+	// its IP is a specific one, connections to other replicas leave from
+	// it too.
 	Bind string
+	// Advertise is the address other replicas reach this one at, when it
+	// is not Bind (NAT, a relay).
+	Advertise string
 	// Bootstrap starts a new cluster with Voters (or this replica alone)
 	// when Dir holds no state yet; a replica with state ignores it.
 	Bootstrap bool
@@ -86,7 +92,7 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Store{cfg: cfg, log: cfg.Logger.With("component", "store", "replica", cfg.ID), fsm: &fsm{}}
+	s := &Store{cfg: cfg, log: cfg.Logger.With("component", "store", "replica", cfg.ID), fsm: newFSM()}
 	if err := os.MkdirAll(filepath.Join(cfg.Dir, "wal"), 0o700); err != nil {
 		return nil, fmt.Errorf("store: data dir %s: %w", cfg.Dir, err)
 	}
@@ -104,15 +110,10 @@ func Open(cfg Config) (*Store, error) {
 		s.closeStores()
 		return nil, fmt.Errorf("store: snapshots in %s: %w", cfg.Dir, err)
 	}
-	addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
+	trans, err := newTransport(cfg.Bind, cfg.Advertise)
 	if err != nil {
 		s.closeStores()
-		return nil, fmt.Errorf("store: bind address %q: %w", cfg.Bind, err)
-	}
-	trans, err := raft.NewTCPTransport(cfg.Bind, addr, 3, 5*time.Second, io.Discard)
-	if err != nil {
-		s.closeStores()
-		return nil, fmt.Errorf("store: raft transport on %s: %w", cfg.Bind, err)
+		return nil, err
 	}
 	s.trans = trans
 	rc := raft.DefaultConfig()
@@ -184,7 +185,14 @@ func (s *Store) Leader() (addr, id string) {
 func (s *Store) IsLeader() bool { return s.raft.State() == raft.Leader }
 
 // Map returns the current shard map, nil before the first topology.
-func (s *Store) Map() *routing.ShardMap { return s.fsm.cur.Load() }
+func (s *Store) Map() *routing.ShardMap { return s.fsm.cur.Load().Map }
+
+// State returns the current state.
+func (s *Store) State() *State { return s.fsm.cur.Load() }
+
+// Changed receives after the state changed (one receive may stand for
+// several changes). It has one reader: the part that serves the state.
+func (s *Store) Changed() <-chan struct{} { return s.fsm.changed }
 
 // Actions returns the operator actions, oldest first.
 func (s *Store) Actions() []Action { return s.fsm.actions() }
@@ -237,5 +245,79 @@ func (s *Store) RemoveServer(id string) error {
 	return s.raft.RemoveServer(raft.ServerID(id), 0, 10*time.Second).Error()
 }
 
+// Server is a member of the raft configuration.
+type Server struct {
+	ID      string `json:"id"`
+	Address string `json:"address"`
+	Voter   bool   `json:"voter"`
+}
+
+// Configuration returns the raft configuration as this replica knows it.
+func (s *Store) Configuration() ([]Server, error) {
+	f := s.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, err
+	}
+	var out []Server
+	for _, sv := range f.Configuration().Servers {
+		out = append(out, Server{ID: string(sv.ID), Address: string(sv.Address), Voter: sv.Suffrage == raft.Voter})
+	}
+	return out, nil
+}
+
+// Stats are raft's figures for metrics: its state, term, commit and
+// applied indexes.
+type Stats struct {
+	State                       string
+	Term, Commit, Applied, Last uint64
+}
+
+// Stats returns raft's figures now.
+func (s *Store) Stats() Stats {
+	st := s.raft.Stats()
+	num := func(k string) uint64 { v, _ := strconv.ParseUint(st[k], 10, 64); return v }
+	return Stats{State: s.raft.State().String(), Term: num("term"), Commit: num("commit_index"), Applied: s.raft.AppliedIndex(), Last: s.raft.LastIndex()}
+}
+
 // Snapshot takes a snapshot now, so the log can be compacted.
 func (s *Store) Snapshot() error { return s.raft.Snapshot().Error() }
+
+// tcpLayer is raft's stream layer over TCP. Unlike raft's own, it dials
+// from the bind IP, so a replica bound to one address of a multi-homed
+// host (or of loopback, in tests) is seen coming from it.
+type tcpLayer struct {
+	net.Listener
+	advertise net.Addr
+	dialer    net.Dialer
+}
+
+func (l *tcpLayer) Addr() net.Addr { return l.advertise }
+
+func (l *tcpLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	d := l.dialer
+	d.Timeout = timeout
+	return d.Dial("tcp", string(address))
+}
+
+func newTransport(bind, advertise string) (*raft.NetworkTransport, error) {
+	ln, err := net.Listen("tcp", bind)
+	if err != nil {
+		return nil, fmt.Errorf("store: raft transport on %s: %w", bind, err)
+	}
+	l := &tcpLayer{Listener: ln, advertise: ln.Addr()}
+	if advertise != "" {
+		a, err := net.ResolveTCPAddr("tcp", advertise)
+		if err != nil || a.IP == nil || a.IP.IsUnspecified() || a.Port == 0 {
+			ln.Close()
+			return nil, fmt.Errorf("store: raft advertise address %q: want a reachable ip:port", advertise)
+		}
+		l.advertise = a
+	} else if a := ln.Addr().(*net.TCPAddr); a.IP.IsUnspecified() {
+		ln.Close()
+		return nil, fmt.Errorf("store: raft bind address %s is unspecified: give an advertise address other replicas can reach", bind)
+	}
+	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsUnspecified() {
+		l.dialer.LocalAddr = &net.TCPAddr{IP: ip}
+	}
+	return raft.NewNetworkTransport(l, 3, 10*time.Second, io.Discard), nil
+}

@@ -25,15 +25,18 @@ func (meshNode) ID(*core.Node) string { return "mesh" }
 // delta: the Envoy types from a snapshot cache, the shard map from a
 // linear cache of its type, muxed by type URL.
 type Server struct {
-	snaps   cache.SnapshotCache
-	maps    *cache.LinearCache
-	grpc    *grpc.Server
-	mu      sync.Mutex
-	version uint64
+	snaps      cache.SnapshotCache
+	maps       *cache.LinearCache
+	grpc       *grpc.Server
+	mu         sync.Mutex
+	version    uint64
+	mapVersion uint64
+	mapSet     bool
 }
 
-// NewServer builds a server; Serve starts it.
-func NewServer() *Server {
+// NewServer builds a server; Serve starts it. cb (nil for none) sees every
+// stream and request; opts configure the gRPC server (credentials).
+func NewServer(cb server.Callbacks, opts ...grpc.ServerOption) *Server {
 	s := &Server{
 		snaps: cache.NewSnapshotCache(true, meshNode{}, log.NewDefaultLogger()),
 		maps:  cache.NewLinearCache(ShardMapType, cache.WithLogger(log.NewDefaultLogger())),
@@ -49,13 +52,15 @@ func NewServer() *Server {
 		ClassifyDelta: func(r *cache.DeltaRequest) string { return isMap(r.GetTypeUrl()) },
 		Caches:        map[string]cache.Cache{"map": s.maps, "envoy": s.snaps},
 	}
-	s.grpc = grpc.NewServer()
-	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.grpc, server.NewServer(context.Background(), mux, nil))
+	s.grpc = grpc.NewServer(opts...)
+	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.grpc, server.NewServer(context.Background(), mux, cb))
 	return s
 }
 
 // Publish makes res current for every connected and future client.
-// Versions only move forward: an older or equal version is refused.
+// Versions only move forward: an older or equal version is refused. The
+// shard map is pushed only when its own version changed, so a change of
+// endpoints does not resend the map to every client.
 func (s *Server) Publish(ctx context.Context, version uint64, res *Resources) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -68,11 +73,21 @@ func (s *Server) Publish(ctx context.Context, version uint64, res *Resources) er
 	if err := s.snaps.SetSnapshot(ctx, "mesh", res.Endpoints); err != nil {
 		return fmt.Errorf("publish version %d: %w", version, err)
 	}
-	if err := s.maps.UpdateResource(ShardMapName, res.ShardMap); err != nil {
-		return fmt.Errorf("publish version %d: %w", version, err)
+	if mv := res.ShardMap.GetVersion(); !s.mapSet || mv != s.mapVersion {
+		if err := s.maps.UpdateResource(ShardMapName, res.ShardMap); err != nil {
+			return fmt.Errorf("publish version %d: %w", version, err)
+		}
+		s.mapVersion, s.mapSet = mv, true
 	}
 	s.version = version
 	return nil
+}
+
+// Version is the last published version.
+func (s *Server) Version() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.version
 }
 
 // Serve serves ADS on ln until Stop.

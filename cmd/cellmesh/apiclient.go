@@ -1,0 +1,312 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/cellmesh/cellmesh/controlplane"
+)
+
+// apiEnv holds the default API address.
+const apiEnv = "CELLMESH_API"
+
+// apiFlags are the flags of every command that talks to the API.
+type apiFlags struct {
+	api, token, tokenFile string
+	json                  bool
+	timeout               time.Duration
+}
+
+func addAPIFlags(fs *flag.FlagSet) *apiFlags {
+	f := &apiFlags{}
+	def := os.Getenv(apiEnv)
+	if def == "" {
+		def = "http://127.0.0.1:7700"
+	}
+	fs.StringVar(&f.api, "api", def, "control-plane API address (default $"+apiEnv+" or http://127.0.0.1:7700)")
+	fs.StringVar(&f.token, "token", "", "API bearer token (default $"+tokenEnv+")")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the API bearer token")
+	fs.BoolVar(&f.json, "json", false, "print the API's JSON instead of a table")
+	fs.DurationVar(&f.timeout, "timeout", 15*time.Second, "give up after this long")
+	return f
+}
+
+// httpError is an API answer other than 200.
+type httpError struct {
+	status int
+	msg    string
+}
+
+func (e *httpError) Error() string { return fmt.Sprintf("%s (HTTP %d)", e.msg, e.status) }
+
+// call sends a request to the API and decodes the answer into out (raw
+// keeps the bytes when out is nil).
+func (f *apiFlags) call(method, path string, body, out any) ([]byte, error) {
+	token := f.token
+	if token == "" && f.tokenFile != "" {
+		t, err := readToken(f.tokenFile)
+		if err != nil {
+			return nil, err
+		}
+		token = t
+	}
+	if token == "" {
+		token = strings.TrimSpace(os.Getenv(tokenEnv))
+	}
+	var rd io.Reader
+	if body != nil {
+		data, err := json.Marshal(body)
+		if err != nil {
+			return nil, err
+		}
+		rd = bytes.NewReader(data)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), f.timeout)
+	defer cancel()
+	base := f.api
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(base, "/")+path, rd)
+	if err != nil {
+		return nil, fmt.Errorf("--api %q: %v", f.api, err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("the control plane at %s did not answer: %v (is it running? --api or $%s)", f.api, err, apiEnv)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("read the answer of %s: %v", f.api, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		if json.Unmarshal(data, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(data))
+		}
+		return nil, &httpError{status: resp.StatusCode, msg: e.Error}
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return nil, fmt.Errorf("the answer of %s %s is not what this cellmesh expects: %v", method, path, err)
+		}
+	}
+	return data, nil
+}
+
+// apiFail prints an API failure; a refused change (409) exits exitRefused.
+func apiFail(stderr io.Writer, cmd string, err error) int {
+	failf(stderr, cmd, "%v", err)
+	var he *httpError
+	if errors.As(err, &he) && he.status == http.StatusConflict {
+		return exitRefused
+	}
+	return exitError
+}
+
+func printJSON(w io.Writer, data []byte) {
+	var buf bytes.Buffer
+	if json.Indent(&buf, data, "", "  ") != nil {
+		buf.Reset()
+		buf.Write(data)
+	}
+	w.Write(bytes.TrimSpace(buf.Bytes()))
+	fmt.Fprintln(w)
+}
+
+// topologyUnits is the part of GET /v1/topology that status shows.
+type topologyUnits struct {
+	Version string `json:"version"`
+	Shards  int    `json:"shards"`
+	Units   []struct {
+		Name, Region, Kind string
+	} `json:"units"`
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("status", "cellmesh status [--api URL] [--token T] [--json]",
+		`Shows the control plane: its replicas (leader, voters, addresses), the
+state's raft index and map version, and per unit the shards it owns and
+the sidecars registered in it.`, stderr)
+	f := addAPIFlags(fs)
+	if code, done := parse(fs, args, stdout); done {
+		return code
+	}
+	if fs.NArg() > 0 {
+		return usagef(stderr, "status", "unexpected argument %q", fs.Arg(0))
+	}
+	var members controlplane.Members
+	mraw, err := f.call("GET", "/v1/members", nil, &members)
+	if err != nil {
+		return apiFail(stderr, "status", err)
+	}
+	var shards controlplane.Shards
+	sraw, serr := f.call("GET", "/v1/shards", nil, &shards)
+	var topo topologyUnits
+	traw, terr := f.call("GET", "/v1/topology", nil, &topo)
+	if f.json {
+		out := map[string]json.RawMessage{"members": mraw}
+		if serr == nil && terr == nil {
+			out["shards"], out["topology"] = sraw, traw
+		}
+		data, _ := json.Marshal(out)
+		printJSON(stdout, data)
+		return exitOK
+	}
+	leader := members.Leader
+	if leader == "" {
+		leader = "NONE (no quorum)"
+	}
+	fmt.Fprintf(stdout, "control plane: leader %s, answered by %s, state index %d", leader, members.Replica, members.Index)
+	if serr == nil {
+		fmt.Fprintf(stdout, ", map version %d", shards.Version)
+	}
+	fmt.Fprintln(stdout)
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nREPLICA\tREGION\tROLE\tRAFT\tAPI\tXDS")
+	for _, r := range members.Replicas {
+		role := "follower"
+		if r.Leader {
+			role = "leader"
+		}
+		if !r.Voter {
+			role += " (non-voter)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, dash(r.Region), role, r.Raft, dash(r.API), dash(r.XDS))
+	}
+	tw.Flush()
+	if serr != nil || terr != nil {
+		fmt.Fprintf(stdout, "\nno shard map: %v\n", errors.Join(serr, terr))
+		return exitOK
+	}
+	owned, eps := map[string]int{}, map[string]int{}
+	for _, s := range shards.Shards {
+		owned[s.Unit]++
+	}
+	for _, e := range members.Endpoints {
+		eps[e.Unit]++
+	}
+	tw = tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nUNIT\tREGION\tKIND\tSHARDS\tSIDECARS")
+	for _, u := range topo.Units {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\n", u.Name, u.Region, dash(u.Kind), owned[u.Name], eps[u.Name])
+	}
+	tw.Flush()
+	return exitOK
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func runShards(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("shards", "cellmesh shards [--unit U] [--region R] [--state S] [--api URL] [--token T] [--json]",
+		`Lists the shard map: every shard's primary unit, region, epoch, state
+and standbys (shard -1 is the global gzone writer), optionally only those
+of one unit, region or state.`, stderr)
+	f := addAPIFlags(fs)
+	unit := fs.String("unit", "", "only the shards this unit owns")
+	region := fs.String("region", "", "only the shards owned in this region")
+	state := fs.String("state", "", "only shards in this state: serving, draining or blocked")
+	if code, done := parse(fs, args, stdout); done {
+		return code
+	}
+	if fs.NArg() > 0 {
+		return usagef(stderr, "shards", "unexpected argument %q", fs.Arg(0))
+	}
+	q := []string{}
+	for _, p := range []struct{ k, v string }{{"unit", *unit}, {"region", *region}, {"state", *state}} {
+		if p.v != "" {
+			q = append(q, p.k+"="+urlEscape(p.v))
+		}
+	}
+	path := "/v1/shards"
+	if len(q) > 0 {
+		path += "?" + strings.Join(q, "&")
+	}
+	var out controlplane.Shards
+	raw, err := f.call("GET", path, nil, &out)
+	if err != nil {
+		return apiFail(stderr, "shards", err)
+	}
+	if f.json {
+		printJSON(stdout, raw)
+		return exitOK
+	}
+	sort.Slice(out.Shards, func(i, j int) bool { return out.Shards[i].Shard < out.Shards[j].Shard })
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SHARD\tUNIT\tREGION\tEPOCH\tSTATE\tSTANDBYS")
+	for _, s := range out.Shards {
+		name := strconv.Itoa(s.Shard)
+		if s.Shard < 0 {
+			name = "global"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", name, s.Unit, s.Region, s.Epoch, s.State, dash(strings.Join(s.Standbys, ",")))
+	}
+	tw.Flush()
+	fmt.Fprintf(stdout, "%d shards, map version %d\n", len(out.Shards), out.Version)
+	return exitOK
+}
+
+func urlEscape(s string) string {
+	r := strings.NewReplacer("%", "%25", "&", "%26", "=", "%3D", "+", "%2B", " ", "%20", "#", "%23", "?", "%3F")
+	return r.Replace(s)
+}
+
+func runMove(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("move", "cellmesh move SHARD --to UNIT [--epoch E] [--api URL] [--token T] [--json]",
+		`Moves a shard's primary to another unit: the control plane's leader
+commits epoch+1 through raft (only if the shard is still at the epoch it
+read, or at --epoch) and pushes the new map to every sidecar over xDS.
+SHARD is a shard number or "global" (the gzone writer). Exit 3 when the
+control plane refused the move (nothing changed).`, stderr)
+	f := addAPIFlags(fs)
+	to := fs.String("to", "", "the unit that becomes the primary (required)")
+	epoch := fs.Uint64("epoch", 0, "move only if the shard is still at this epoch")
+	if code, done := parse(fs, args, stdout); done {
+		return code
+	}
+	if fs.NArg() != 1 {
+		return usagef(stderr, "move", "want exactly one SHARD")
+	}
+	shard := fs.Arg(0)
+	if _, err := strconv.Atoi(shard); err != nil && shard != "global" {
+		return usagef(stderr, "move", "SHARD %q: want a shard number or global", shard)
+	}
+	if *to == "" {
+		return usagef(stderr, "move", "--to is required")
+	}
+	var res controlplane.MoveResult
+	raw, err := f.call("POST", "/v1/shards/"+shard+"/move", controlplane.MoveRequest{To: *to, Epoch: *epoch}, &res)
+	if err != nil {
+		return apiFail(stderr, "move", err)
+	}
+	if f.json {
+		printJSON(stdout, raw)
+		return exitOK
+	}
+	fmt.Fprintf(stdout, "moved shard %s from %s to %s: epoch %d, map version %d (raft index %d, pushed)\n", shard, res.From, res.To, res.Epoch, res.Version, res.Index)
+	return exitOK
+}

@@ -1,0 +1,322 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/cellmesh/cellmesh/controlplane/store"
+	"github.com/cellmesh/cellmesh/controlplane/xds"
+	"github.com/cellmesh/cellmesh/internal/meshtls"
+	"github.com/cellmesh/cellmesh/routing"
+)
+
+// Config configures one control-plane replica. The zero value of a field
+// means its default.
+type Config struct {
+	// ID names the replica in raft and in the API, required.
+	ID string
+	// Region is where the replica runs, shown by the API.
+	Region string
+	// DataDir holds the raft log and snapshots, required.
+	DataDir string
+	// Raft, API and XDS are the listen addresses (ip:port) of the raft
+	// transport, the operator API and the xDS server, required.
+	Raft, API, XDS string
+	// RaftAdvertise is the raft address other replicas use, when not Raft.
+	RaftAdvertise string
+	// Join lists API addresses (http://host:port or host:port) of replicas
+	// of an existing cluster; the replica asks them to add it as a voter.
+	// Empty: a new single-replica cluster when DataDir holds no state.
+	Join []string
+	// Topology is applied by the leader when the state holds none or an
+	// older version (a valid successor only), nil for none.
+	Topology *routing.Topology
+	// Token is the bearer token of the API. Empty refuses to start unless
+	// InsecureDev is set.
+	Token       string
+	InsecureDev bool
+	// TLS is the replica's mesh identity, whose service must be
+	// meshtls.ControlPlaneService: the xDS server presents it and checks
+	// sidecars' certificates against its CA bundle.
+	TLS *meshtls.Store
+	// Fast shortens raft's timeouts (tests on one machine).
+	Fast bool
+	// Logger and Registry default to discarding and a new registry.
+	Logger   *slog.Logger
+	Registry *prometheus.Registry
+}
+
+// Replica is one control-plane replica: the raft state, its xDS server,
+// and the operator API.
+type Replica struct {
+	cfg   Config
+	log   *slog.Logger
+	store *store.Store
+	xds   *xds.Server
+	m     *metrics
+	reg   *registry
+	boot  string // this process's prefix of xDS session names
+
+	apiLn, xdsLn net.Listener
+	api          *http.Server
+	client       *http.Client // to the leader's API
+
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
+	closing sync.Once
+}
+
+// Open checks cfg, opens the state and binds every listener. Run serves.
+func Open(cfg Config) (*Replica, error) {
+	var problems []string
+	if cfg.ID == "" {
+		problems = append(problems, "an id is required")
+	} else if err := meshtls.ValidateSegment(cfg.ID); err != nil {
+		problems = append(problems, fmt.Sprintf("id %q: %v", cfg.ID, err))
+	}
+	if cfg.DataDir == "" {
+		problems = append(problems, "a data directory is required")
+	}
+	if cfg.Token == "" && !cfg.InsecureDev {
+		problems = append(problems, "no API token: give one (a token file or CELLMESH_TOKEN), or run with --insecure-dev on a development machine")
+	}
+	if cfg.TLS == nil {
+		problems = append(problems, "a TLS identity is required for the xDS server")
+	} else if id := cfg.TLS.ID(); id.Service != meshtls.ControlPlaneService {
+		problems = append(problems, fmt.Sprintf("the certificate is for %s; a control-plane replica needs one for service %s (cellmesh certs issue --service %s)", id, meshtls.ControlPlaneService, meshtls.ControlPlaneService))
+	}
+	for _, a := range []struct{ name, addr string }{{"raft", cfg.Raft}, {"api", cfg.API}, {"xds", cfg.XDS}} {
+		if _, _, err := net.SplitHostPort(a.addr); err != nil {
+			problems = append(problems, fmt.Sprintf("%s address %q: want ip:port", a.name, a.addr))
+		}
+	}
+	if cfg.Topology != nil {
+		if _, err := routing.Compile(cfg.Topology); err != nil {
+			problems = append(problems, fmt.Sprintf("topology: %v", err))
+		}
+	}
+	if len(problems) > 0 {
+		return nil, &ConfigError{Problems: problems}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+	}
+	var nonce [6]byte
+	_, _ = rand.Read(nonce[:])
+	r := &Replica{
+		cfg:    cfg,
+		log:    cfg.Logger.With("component", "controlplane", "replica", cfg.ID),
+		boot:   cfg.ID + "/" + hex.EncodeToString(nonce[:]) + "/",
+		client: &http.Client{Timeout: 10 * time.Second},
+	}
+	st, err := store.Open(store.Config{
+		ID: cfg.ID, Dir: cfg.DataDir, Bind: cfg.Raft, Advertise: cfg.RaftAdvertise,
+		Bootstrap: len(cfg.Join) == 0, Fast: cfg.Fast, Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.store = st
+	r.m = newMetrics(cfg.Registry, r)
+	r.reg = newRegistry(r)
+	creds := credentials.NewTLS(cfg.TLS.ServerConfig(nil, func(remote string, err error) {
+		r.log.Warn("refused an xDS client's certificate", "remote", remote, "error", err)
+	}))
+	r.xds = xds.NewServer(r.reg.callbacks(), grpc.Creds(creds),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.MaxConcurrentStreams(16))
+	if r.apiLn, err = net.Listen("tcp", cfg.API); err != nil {
+		st.Close()
+		return nil, fmt.Errorf("api listener on %s: %w", cfg.API, err)
+	}
+	if r.xdsLn, err = net.Listen("tcp", cfg.XDS); err != nil {
+		r.apiLn.Close()
+		st.Close()
+		return nil, fmt.Errorf("xds listener on %s: %w", cfg.XDS, err)
+	}
+	r.api = &http.Server{Handler: r.apiHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		ErrorLog: slog.NewLogLogger(r.log.Handler(), slog.LevelWarn)}
+	return r, nil
+}
+
+// ConfigError lists every problem of a Config.
+type ConfigError struct{ Problems []string }
+
+func (e *ConfigError) Error() string {
+	s := "control plane configuration:"
+	for _, p := range e.Problems {
+		s += " " + p + ";"
+	}
+	return s[:len(s)-1]
+}
+
+// Addrs are the bound addresses.
+type Addrs struct{ Raft, API, XDS string }
+
+// Addrs returns the bound addresses (useful with port 0).
+func (r *Replica) Addrs() Addrs {
+	return Addrs{Raft: r.store.Addr(), API: r.apiLn.Addr().String(), XDS: r.xdsLn.Addr().String()}
+}
+
+// Store is the replica's raft state.
+func (r *Replica) Store() *store.Store { return r.store }
+
+// Run serves until ctx ends, then stops: the API and xDS servers close
+// (sidecars move to another replica), raft shuts down, the state stays on
+// disk.
+func (r *Replica) Run(ctx context.Context) error {
+	ctx, r.stop = context.WithCancel(ctx)
+	errc := make(chan error, 2)
+	r.wg.Add(5)
+	go func() {
+		defer r.wg.Done()
+		if err := r.api.Serve(r.apiLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("api: %w", err)
+		}
+	}()
+	go func() {
+		defer r.wg.Done()
+		if err := r.xds.Serve(r.xdsLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			errc <- fmt.Errorf("xds: %w", err)
+		}
+	}()
+	go func() { defer r.wg.Done(); r.publishLoop(ctx) }()
+	go func() { defer r.wg.Done(); r.leaderLoop(ctx) }()
+	go func() { defer r.wg.Done(); r.reg.run(ctx) }()
+	if len(r.cfg.Join) > 0 {
+		r.wg.Add(1)
+		go func() { defer r.wg.Done(); r.join(ctx) }()
+	}
+	r.log.Info("control plane replica serving", "api", r.apiLn.Addr().String(), "xds", r.xdsLn.Addr().String(), "raft", r.store.Addr())
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		r.log.Error("a server failed; stopping", "error", err)
+	}
+	r.shutdown()
+	return err
+}
+
+func (r *Replica) shutdown() {
+	r.closing.Do(func() {
+		r.stop()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = r.api.Shutdown(sctx)
+		r.xds.Stop()
+		r.wg.Wait()
+		if err := r.store.Close(); err != nil {
+			r.log.Warn("raft shutdown", "error", err)
+		}
+		r.log.Info("control plane replica stopped")
+	})
+}
+
+// Close stops a replica that was opened but is not running.
+func (r *Replica) Close() error {
+	if r.stop != nil {
+		r.stop()
+		r.wg.Wait()
+		return nil
+	}
+	r.apiLn.Close()
+	r.xdsLn.Close()
+	return r.store.Close()
+}
+
+// publishLoop serves every new state over xDS: it builds the resources of
+// the state's raft index, checks them, and publishes them.
+func (r *Replica) publishLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.store.Changed():
+		}
+		st := r.store.State()
+		if st.Map == nil || st.Index <= r.xds.Version() {
+			continue
+		}
+		start := time.Now()
+		eps := make([]xds.Endpoint, 0, len(st.Endpoints))
+		for _, e := range st.Endpoints {
+			eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport})
+		}
+		res, err := xds.Build(strconv.FormatUint(st.Index, 10), st.Map, eps)
+		if err == nil {
+			err = r.xds.Publish(ctx, st.Index, res)
+		}
+		if err != nil {
+			r.m.publishErrors.Inc()
+			r.log.Error("state not published over xDS; sidecars keep the previous version", "index", st.Index, "error", err)
+			continue
+		}
+		r.m.pushDuration.Observe(time.Since(start).Seconds())
+		r.log.Debug("published", "index", st.Index, "map_version", st.Map.Version(), "endpoints", len(eps))
+	}
+}
+
+// leaderLoop does the leader's chores: record this replica's addresses,
+// apply the configured topology when it is newer than the state's.
+func (r *Replica) leaderLoop(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !r.store.IsLeader() {
+			continue
+		}
+		st := r.store.State()
+		if me := r.self(); !hasReplica(st.Replicas, me) {
+			if _, err := r.store.Apply(ctx, store.Command{Op: store.OpReplica, Replica: &me, Who: "replica " + r.cfg.ID, At: time.Now().UTC()}); err != nil {
+				r.log.Warn("could not record this replica's addresses", "error", err)
+			}
+		}
+		if t := r.cfg.Topology; t != nil && (st.Map == nil || st.Map.Version() < t.Version) {
+			_, err := r.store.Apply(ctx, store.Command{Op: store.OpSetTopology, Topology: t, Who: "replica " + r.cfg.ID + " (--topology)", At: time.Now().UTC()})
+			if err != nil {
+				r.log.Error("the configured topology was refused; fix the file or drop --topology", "version", t.Version, "error", err)
+				r.cfg.Topology = nil
+			} else {
+				r.log.Info("applied the configured topology", "version", t.Version)
+			}
+		}
+	}
+}
+
+func (r *Replica) self() store.Replica {
+	a := r.Addrs()
+	return store.Replica{ID: r.cfg.ID, Region: r.cfg.Region, Raft: a.Raft, API: a.API, XDS: a.XDS}
+}
+
+func hasReplica(rs []store.Replica, me store.Replica) bool {
+	for _, o := range rs {
+		if o == me {
+			return true
+		}
+	}
+	return false
+}
