@@ -46,7 +46,8 @@ func (s *Sidecar) adminHandler() http.Handler {
 }
 
 // Status is what /config shows: who the sidecar is, what it listens on,
-// the map it routes with and the peers it knows.
+// the map it routes with, the peers it knows and, in xDS mode, the
+// control-plane replica it follows.
 type Status struct {
 	Identity struct {
 		Region  string `json:"region"`
@@ -64,6 +65,9 @@ type Status struct {
 	EndpointsVersion    uint64            `json:"endpoints_version"`
 	Topology            *routing.Topology `json:"topology"`
 	Endpoints           []EndpointStatus  `json:"endpoints"`
+	// XDS is the xDS client's state; absent when the map and endpoints
+	// come from files.
+	XDS *XDSStatus `json:"xds,omitempty"`
 }
 
 // Status returns the sidecar's state now.
@@ -83,6 +87,10 @@ func (s *Sidecar) Status() Status {
 	eps := s.endpoints.Load()
 	st.EndpointsVersion = eps.version
 	st.Endpoints = eps.status(time.Now())
+	if c := s.xds.Load(); c != nil {
+		x := c.snapshot()
+		st.XDS = &x
+	}
 	return st
 }
 

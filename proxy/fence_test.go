@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cellmesh/cellmesh/routing"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -130,5 +131,45 @@ func TestMisrouteCorrection(t *testing.T) {
 	resp, body = m.get(c, "eu-west-1", uid, "/")
 	if resp.StatusCode != http.StatusMisdirectedRequest {
 		t.Fatalf("double misroute: status %d, want 421: %s", resp.StatusCode, body)
+	}
+}
+
+// A receiver whose map is behind the sender's answers 503 map-behind; the
+// sender holds the request and sends it again, so a receiver that catches
+// up within the hold serves it: a move's push reaching the units in some
+// order fails no request.
+func TestMapBehindIsHeldUntilTheReceiverCatchesUp(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	c := newClient()
+	const uid = "2088123456707" // shard 7, us-east-1 at epoch 1
+	moved := compile(t, moveShard(t, m.topo, 7, "eu-west-1", 2))
+	// The sender knows the move; the new owner does not yet.
+	if err := m.nodes["us-east-2"].sc.SetMap(moved); err != nil {
+		t.Fatal(err)
+	}
+	behindAnswers := func() float64 {
+		return testutil.ToFloat64(m.nodes["eu-west-1"].sc.m.requests.WithLabelValues("inbound", "echo", "us-east-2", "eu-west-1", "rzone", "503", "false"))
+	}
+	type result struct {
+		code int
+		unit string
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, body := m.get(c, "us-east-2", uid, "/")
+		r := result{code: resp.StatusCode}
+		if resp.StatusCode == http.StatusOK {
+			r.unit = decodeEcho(t, body).Unit
+		}
+		done <- r
+	}()
+	// Once the new owner has refused the request at least once, it learns
+	// the move.
+	waitFor(t, 10*time.Second, func() bool { return behindAnswers() >= 1 }, "a map-behind answer")
+	if err := m.nodes["eu-west-1"].sc.SetMap(moved); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; r.code != http.StatusOK || r.unit != "eu-west-1" {
+		t.Fatalf("held request: status %d from %q, want 200 from eu-west-1", r.code, r.unit)
 	}
 }

@@ -21,6 +21,10 @@ type metrics struct {
 	reloads     *prometheus.CounterVec
 	mapVersion  prometheus.Gauge
 	ready       prometheus.Gauge
+
+	xdsConnected  prometheus.Gauge
+	xdsUpdates    *prometheus.CounterVec
+	xdsReconnects prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
@@ -51,7 +55,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		}, []string{"direction"}),
 		tlsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cellmesh_tls_rejected_total",
-			Help: "Peer certificates refused, by direction (inbound: a client; outbound: a peer we dialled) and reason.",
+			Help: "Peer certificates refused, by direction (inbound: a client; outbound: a peer we dialled; xds: a control-plane replica we dialled) and reason.",
 		}, []string{"direction", "reason"}),
 		unreachable: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cellmesh_upstream_connect_failures_total",
@@ -69,6 +73,18 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 			Name: "cellmesh_ready",
 			Help: "1 while the sidecar is ready for traffic (a shard map loaded, listening, not draining).",
 		}),
+		xdsConnected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cellmesh_xds_connected",
+			Help: "1 while an xDS stream with a control-plane replica is open.",
+		}),
+		xdsUpdates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_xds_updates_total",
+			Help: "xDS responses handled, by type (cluster, endpoint, shardmap) and result (ack: applied or already in use; nack: refused, the last good one kept).",
+		}, []string{"type", "result"}),
+		xdsReconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cellmesh_xds_reconnects_total",
+			Help: "xDS streams opened (or tried) after the first, to the same or another control-plane replica.",
+		}),
 	}
 	m.inflightBy = map[string]prometheus.Gauge{
 		"outbound": m.inflight.WithLabelValues("outbound"),
@@ -79,7 +95,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		Help: "When this sidecar's certificate expires, as a Unix time.",
 	}, func() float64 { return float64(s.cfg.TLS.NotAfter().Unix()) })
 	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.inflight, m.tlsRejected,
-		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry)
+		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry, m.xdsConnected, m.xdsUpdates, m.xdsReconnects)
 	return m
 }
 

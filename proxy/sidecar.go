@@ -54,6 +54,8 @@ type Sidecar struct {
 	started  atomic.Bool
 	draining atomic.Bool
 	closed   sync.Once
+
+	xds atomic.Pointer[xdsClient] // set by RunXDS, for /config
 }
 
 // New checks cfg and builds a sidecar. It starts nothing and binds no

@@ -2,12 +2,15 @@ package proxy
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -18,9 +21,10 @@ import (
 )
 
 // Static is a sidecar configured from files: the sidecar's own file (see
-// examples/local/*.yaml), the topology it names, and the certificates.
-// The control plane will later deliver the map and endpoints over xDS
-// instead; everything else stays in the file.
+// examples/local/*.yaml), the topology it names, and the certificates. With
+// an xds section the control plane delivers the map and endpoints instead
+// (RunXDS with XDS), and the file names neither; everything else stays in
+// the file.
 type Static struct {
 	Path   string
 	Config Config // without TLS, Logger and Registry, which the caller sets
@@ -30,9 +34,12 @@ type Static struct {
 	// Reload is how often the files are checked for changes (0: only on
 	// SIGHUP).
 	Reload    time.Duration
-	Topology  string // path of the topology file
+	Topology  string // path of the topology file; empty with XDS
 	Map       *routing.ShardMap
 	Endpoints []Endpoint
+	// XDS, when not nil, is where the map and endpoints come from; Map is
+	// nil and Endpoints empty then.
+	XDS *XDSConfig
 }
 
 // staticFile is the YAML form. Durations are strings such as "5s".
@@ -55,7 +62,11 @@ type staticFile struct {
 		Cert string `yaml:"cert"`
 		Key  string `yaml:"key"`
 	} `yaml:"tls"`
-	Reload    duration `yaml:"reload_interval"`
+	Reload duration `yaml:"reload_interval"`
+	XDS    *struct {
+		Servers   []string `yaml:"servers"`
+		Advertise string   `yaml:"advertise"`
+	} `yaml:"xds"`
 	Endpoints []struct {
 		Service   string `yaml:"service"`
 		Unit      string `yaml:"unit"`
@@ -123,7 +134,7 @@ func LoadStatic(path string) (*Static, error) {
 
 func parseStatic(data []byte, dir string) (*Static, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, errors.New("empty file: want a YAML mapping with identity, app, topology, tls and endpoints")
+		return nil, errors.New("empty file: want a YAML mapping with identity, app, tls, and topology and endpoints or xds")
 	}
 	var sf staticFile
 	dec := yaml.NewDecoder(bytes.NewReader(data))
@@ -187,8 +198,30 @@ func parseStatic(data []byte, dir string) (*Static, error) {
 			bad("endpoints[%d]: %v", i, err)
 		}
 	}
-	if sf.Topology == "" {
-		bad("topology: the path of the topology file is required")
+	if sf.XDS != nil {
+		x := &XDSConfig{Servers: sf.XDS.Servers, Advertise: Transport(sf.XDS.Advertise)}
+		ps = append(ps, x.problems()...)
+		if x.Advertise == "" {
+			x.Advertise = QUIC
+		}
+		name, addr := "inbound_quic", cmp.Or(sf.Listen.InboundQUIC, DefaultInboundQUIC)
+		if x.Advertise == H2 {
+			name, addr = "inbound_tcp", cmp.Or(sf.Listen.InboundTCP, Off)
+		}
+		if addr == Off {
+			bad("xds: advertise %s registers the %s listener, which is off: set listen.%s", x.Advertise, name, name)
+		} else if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().IsUnspecified() {
+			bad("xds: advertise %s registers listen.%s %s, an address other sidecars cannot dial: listen on the address they reach this one at", x.Advertise, name, addr)
+		}
+		if sf.Topology != "" {
+			bad("topology: not allowed with xds: the control plane delivers the shard map")
+		}
+		if len(sf.Endpoints) > 0 {
+			bad("endpoints: not allowed with xds: the control plane delivers the endpoints")
+		}
+		st.XDS, st.Topology, st.Endpoints = x, "", nil
+	} else if sf.Topology == "" {
+		bad("topology: the path of the topology file is required (or an xds section, for the control plane to deliver it)")
 	} else {
 		t, err := topofile.Load(st.Topology)
 		if err != nil {
@@ -225,6 +258,9 @@ func parseStatic(data []byte, dir string) (*Static, error) {
 // adds already has its endpoints and one it drops keeps them until the
 // map no longer routes there.
 func (s *Sidecar) Apply(st *Static) error {
+	if st.XDS != nil {
+		return errors.New("the file takes the shard map and endpoints from the control plane (xds): run RunXDS instead of Apply")
+	}
 	both := append([]Endpoint(nil), st.Endpoints...)
 	have := map[string]bool{}
 	for _, e := range st.Endpoints {
@@ -253,7 +289,9 @@ func (s *Sidecar) Apply(st *Static) error {
 // once when kick receives) until ctx ends. A file that does not load is
 // logged and changes nothing: the sidecar keeps routing with what it has.
 // Settings other than the map, the endpoints and the certificates take a
-// restart; a change to them is logged.
+// restart; a change to them is logged. With an xds section the map and
+// endpoints come from the control plane: the file is only checked for
+// changes that take a restart, and kick still reloads the certificates.
 func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Duration, kick <-chan struct{}) {
 	var tick <-chan time.Time
 	if interval > 0 {
@@ -261,7 +299,13 @@ func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Dur
 		defer t.Stop()
 		tick = t.C
 	}
-	files := []string{st.Path, st.Topology}
+	watched := func(st *Static) []string {
+		if st.XDS != nil {
+			return []string{st.Path}
+		}
+		return []string{st.Path, st.Topology}
+	}
+	files := watched(st)
 	last := stamps(files)
 	for {
 		forced := false
@@ -290,8 +334,13 @@ func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Dur
 			s.m.reloads.WithLabelValues("error").Inc()
 			continue
 		}
-		if next.Config != st.Config || next.TLSFiles != st.TLSFiles || next.Reload != st.Reload {
+		if next.Config != st.Config || next.TLSFiles != st.TLSFiles || next.Reload != st.Reload || !sameXDS(next.XDS, st.XDS) {
 			s.log.Warn("settings other than the topology and the endpoints changed in the config file: they take effect after a restart")
+		}
+		if st.XDS != nil || next.XDS != nil {
+			// The control plane keeps the map and the endpoints; a switch
+			// between it and files takes a restart (logged above).
+			continue
 		}
 		if err := s.Apply(next); err != nil {
 			s.log.Error("config reload refused; keeping the current map and endpoints", "error", err)
@@ -304,9 +353,17 @@ func (s *Sidecar) WatchStatic(ctx context.Context, st *Static, interval time.Dur
 		// What takes a restart stays as it was; the rest follows the file.
 		next.Config, next.TLSFiles, next.Reload = st.Config, st.TLSFiles, st.Reload
 		st = next
-		files = []string{st.Path, st.Topology}
+		files = watched(st)
 		last = stamps(files)
 	}
+}
+
+// sameXDS reports whether two xds sections say the same.
+func sameXDS(a, b *XDSConfig) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return slices.Equal(a.Servers, b.Servers) && a.Advertise == b.Advertise && a.BackoffMin == b.BackoffMin && a.BackoffMax == b.BackoffMax
 }
 
 func stamps(files []string) string {

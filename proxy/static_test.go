@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -262,6 +265,8 @@ func FuzzParseStatic(f *testing.F) {
 	f.Add([]byte("identity: {region: a}\napp: 1\n"))
 	f.Add([]byte("timeouts: {connect: 5 seconds}\n"))
 	f.Add([]byte("endpoints: [{service: echo, unit: us-east-1, address: '[::1]:1', transport: h3}]\n"))
+	f.Add([]byte(staticXDS))
+	f.Add([]byte(strings.Replace(staticXDS, "advertise: quic", "advertise: h2", 1)))
 	dir := f.TempDir()
 	topo, err := os.ReadFile("../examples/local/topology.yaml")
 	if err != nil {
@@ -278,8 +283,157 @@ func FuzzParseStatic(f *testing.F) {
 			}
 			return
 		}
-		if st.Map == nil || st.Config.App == "" || st.Config.Identity.Unit == "" || st.TLSFiles.Cert == "" {
-			t.Fatalf("accepted a file without map, app, identity or certificate: %+v", st)
+		if (st.Map == nil) == (st.XDS == nil) || st.Config.App == "" || st.Config.Identity.Unit == "" || st.TLSFiles.Cert == "" {
+			t.Fatalf("accepted a file without app, identity or certificate, or without exactly one of a map and xds: %+v", st)
+		}
+		if st.XDS != nil && (len(st.XDS.Servers) == 0 || len(st.Endpoints) > 0 || st.Topology != "") {
+			t.Fatalf("accepted an xds section without servers, or beside endpoints or a topology: %+v", st)
 		}
 	})
+}
+
+// staticXDS is a valid sidecar file whose map and endpoints come from the
+// control plane.
+const staticXDS = `identity: {region: us-east, unit: us-east-1, service: echo}
+app: 127.0.0.1:18101
+listen:
+  outbound: 127.0.0.1:15101
+  inbound_quic: 127.0.0.1:15201
+  admin: 127.0.0.1:15401
+tls: {ca: certs/ca.pem, cert: certs/us-east-1-echo.pem, key: certs/us-east-1-echo-key.pem}
+xds:
+  servers: [127.0.0.1:7701, "[::1]:7711", cp-3.example:7721]
+  advertise: quic
+`
+
+// The xds section: parsed, checked, and exclusive of a topology and
+// endpoints; errors name the problem.
+func TestLoadStaticXDS(t *testing.T) {
+	edit := func(pairs ...string) string {
+		s := staticXDS
+		for i := 0; i < len(pairs); i += 2 {
+			if !strings.Contains(s, pairs[i]) {
+				t.Fatalf("the xds file has no %q", pairs[i])
+			}
+			s = strings.Replace(s, pairs[i], pairs[i+1], 1)
+		}
+		return s
+	}
+	for _, tc := range []struct {
+		name string
+		file string
+		want []string // nil: valid
+	}{
+		{"valid", staticXDS, nil},
+		{"advertise-default", edit("  advertise: quic\n", ""), nil},
+		{"advertise-h2", edit("advertise: quic", "advertise: h2", "  admin:", "  inbound_tcp: 127.0.0.1:15301\n  admin:"), nil},
+		{"with-topology", edit("xds:", "topology: topology.yaml\nxds:"), []string{"topology: not allowed with xds"}},
+		{"with-endpoints", edit("xds:", "endpoints: [{service: echo, unit: us-east-1, address: 127.0.0.1:15201}]\nxds:"), []string{"endpoints: not allowed with xds"}},
+		{"no-servers", edit("  servers: [127.0.0.1:7701, \"[::1]:7711\", cp-3.example:7721]\n", ""), []string{"xds: servers: at least one control-plane address"}},
+		{"empty-section", edit("  servers: [127.0.0.1:7701, \"[::1]:7711\", cp-3.example:7721]\n  advertise: quic\n", " {}\n"), []string{"xds: servers: at least one"}},
+		{"server-without-port", edit("cp-3.example:7721", "cp-3.example"), []string{`xds: servers[2] "cp-3.example": want host:port`}},
+		{"server-bad-port", edit("127.0.0.1:7701", "127.0.0.1:77010"), []string{`xds: servers[0] "127.0.0.1:77010": port "77010"`}},
+		{"server-twice", edit("cp-3.example:7721", "127.0.0.1:7701"), []string{`xds: servers[2] "127.0.0.1:7701" is listed twice`}},
+		{"advertise-unknown", edit("advertise: quic", "advertise: tcp"), []string{`xds: advertise "tcp": want quic`}},
+		{"advertise-h2-without-tcp", edit("advertise: quic", "advertise: h2"), []string{"xds: advertise h2 registers the inbound_tcp listener, which is off"}},
+		{"advertise-quic-off", edit("inbound_quic: 127.0.0.1:15201", "inbound_quic: \"off\"\n  inbound_tcp: 127.0.0.1:15301"), []string{"xds: advertise quic registers the inbound_quic listener, which is off"}},
+		{"advertise-unspecified", edit("inbound_quic: 127.0.0.1:15201", "inbound_quic: 0.0.0.0:15201"), []string{"listen.inbound_quic 0.0.0.0:15201, an address other sidecars cannot dial"}},
+		{"unknown-key", edit("  advertise: quic", "  advertise: quic\n  backof: 1s"), []string{"backof"}},
+		{"not-a-mapping", edit("  servers: [127.0.0.1:7701, \"[::1]:7711\", cp-3.example:7721]\n  advertise: quic\n", " [127.0.0.1:7701]\n"), []string{"sidecar config"}},
+		{"several", edit("advertise: quic", "advertise: udp", "xds:", "topology: topology.yaml\nxds:"), []string{`advertise "udp"`, "topology: not allowed with xds"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "sidecar.yaml")
+			if err := os.WriteFile(path, []byte(tc.file), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			st, err := LoadStatic(path)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if st.XDS == nil || st.Map != nil || st.Topology != "" || len(st.Endpoints) != 0 {
+					t.Fatalf("xds %+v, map %v, topology %q, %d endpoints: want xds alone", st.XDS, st.Map, st.Topology, len(st.Endpoints))
+				}
+				if want := []string{"127.0.0.1:7701", "[::1]:7711", "cp-3.example:7721"}; !slices.Equal(st.XDS.Servers, want) {
+					t.Errorf("servers %q, want %q", st.XDS.Servers, want)
+				}
+				want := QUIC
+				if strings.Contains(tc.file, "advertise: h2") {
+					want = H2
+				}
+				if st.XDS.Advertise != want {
+					t.Errorf("advertise %q, want %q", st.XDS.Advertise, want)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("LoadStatic accepted it, want an error naming %q", tc.want)
+			}
+			for _, w := range append([]string{path}, tc.want...) {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not say %q: %v", w, err)
+				}
+			}
+		})
+	}
+}
+
+// In xDS mode the file gives no map: Apply refuses it, and WatchStatic
+// loads no topology, logs a change that takes a restart, and still reloads
+// the certificates on a kick.
+func TestWatchStaticXDS(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "sidecar.yaml")
+	if err := os.WriteFile(path, []byte(staticXDS), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, err := LoadStatic(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := newTestCA(t, trustDomain)
+	logs := &syncBuffer{}
+	c := st.Config
+	c.Outbound, c.InboundQUIC, c.Admin = "127.0.0.1:0", "127.0.0.1:0", Off
+	c.TLS = ca.issue(meshID(c.Identity), time.Hour, nil)
+	c.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	sc, err := New(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	if err := sc.Apply(st); err == nil || !strings.Contains(err.Error(), "RunXDS") {
+		t.Errorf("Apply of an xds file: %v, want a refusal pointing at RunXDS", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	kick := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc.WatchStatic(ctx, st, 0, kick)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	kicked := func() {
+		t.Helper()
+		select {
+		case kick <- struct{}{}:
+		case <-time.After(10 * time.Second):
+			t.Fatal("WatchStatic does not take a kick")
+		}
+	}
+	kicked()
+	waitFor(t, 10*time.Second, func() bool { return logs.contains("certificates reloaded") }, "the certificates reloaded")
+	if err := os.WriteFile(path, []byte(strings.Replace(staticXDS, "127.0.0.1:7701", "127.0.0.1:7702", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	kicked()
+	waitFor(t, 10*time.Second, func() bool { return logs.contains("take effect after a restart") }, "the changed servers logged")
+	if logs.contains("config reload failed") || logs.contains("config reload refused") || sc.Map() != nil {
+		t.Errorf("WatchStatic in xds mode tried to load a map:\n%s", logs.String())
+	}
 }

@@ -208,6 +208,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	body.whenSent(overall.arm)
 	var avoid *endpoint
 	var last error
+	holdStart, hold := time.Now(), 5*time.Millisecond
 	for attempt := 0; ; attempt++ {
 		ep := u.s.endpoints.Load().pick(rt.service, rt.unit, time.Now(), avoid)
 		if ep == nil {
@@ -221,6 +222,27 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, &noEndpointError{rt.service, rt.unit}
 		}
 		resp, err := u.try(ctx, req, body, ep)
+		if err == nil && behind(resp) && !body.sending() && time.Since(holdStart) < mapBehindHold {
+			// The receiving sidecar's map is behind ours (a move is being
+			// pushed): nothing reached its app, so hold the request and
+			// send it again once that map has had time to catch up.
+			io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10))
+			resp.Body.Close()
+			ep.stats.inflight.Add(-1)
+			hold = min(2*hold, 200*time.Millisecond)
+			select {
+			case <-time.After(hold):
+				attempt--
+				continue
+			case <-ctx.Done():
+				err := fmt.Errorf("held while %s's map was behind: %w", rt.unit, context.Cause(ctx))
+				overall.stop()
+				watch.stop()
+				cancelAll(nil)
+				body.closeReal()
+				return nil, err
+			}
+		}
 		if err == nil {
 			overall.stop()
 			u.s.healthy(ep)
@@ -229,7 +251,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		ep.stats.inflight.Add(-1)
-		if refusedHandshake(err) {
+		if refusedBeforeRead(err) {
 			// In TLS 1.3 the client finishes its side of the handshake
 			// before the server checks the client's certificate, so a
 			// refusal arrives after the dial: nothing reached the app.
@@ -252,6 +274,19 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		avoid = ep
 	}
+}
+
+// mapBehindHold bounds how long a request is held and sent again while the
+// receiving sidecar answers that its map is behind the sender's (503
+// map-behind): a pushed map reaches every sidecar well within it, and a
+// sidecar whose control-plane replica lost its quorum moves to another
+// replica within about two seconds.
+const mapBehindHold = 5 * time.Second
+
+// behind reports whether resp is a sidecar's 503 map-behind (an app's
+// X-Cellmesh-* headers never pass its sidecar).
+func behind(resp *http.Response) bool {
+	return resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get(hdrError) == "map-behind"
 }
 
 func (u *upstream) try(parent context.Context, req *http.Request, body *retryBody, ep *endpoint) (*http.Response, error) {
@@ -389,11 +424,21 @@ func (b *doneBody) Close() error {
 	return err
 }
 
-// refusedHandshake reports whether err is the peer refusing the TLS
-// handshake: a QUIC CRYPTO_ERROR from the peer, or a TLS alert it sent.
-func refusedHandshake(err error) bool {
+// refusedBeforeRead reports whether err is the peer refusing the request
+// before reading any of it: a refused TLS handshake (a QUIC CRYPTO_ERROR
+// from the peer, or a TLS alert it sent), a connection refused by a peer
+// shutting down, or a stream it rejected (H3_REQUEST_REJECTED).
+func refusedBeforeRead(err error) bool {
 	var te *quic.TransportError
-	if errors.As(err, &te) && te.Remote && te.ErrorCode.IsCryptoError() {
+	if errors.As(err, &te) && te.Remote && (te.ErrorCode.IsCryptoError() || te.ErrorCode == quic.ConnectionRefused) {
+		// A refused handshake, or a peer that is shutting down and
+		// refuses the connection (CONNECTION_REFUSED): nothing was read.
+		return true
+	}
+	var he *http3.Error
+	if errors.As(err, &he) && he.Remote && he.ErrorCode == http3.ErrCodeRequestRejected {
+		// H3_REQUEST_REJECTED: the peer (draining) did not process the
+		// request, so it is safe to send it elsewhere.
 		return true
 	}
 	var oe *net.OpError

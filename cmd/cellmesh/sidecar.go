@@ -30,6 +30,11 @@ mutual TLS for other units (and the HTTP/2-over-TLS fallback when the file
 turns it on), and the admin port (/healthz, /readyz, /metrics, /config).
 See examples/local/*.yaml for the file.
 
+The shard map and endpoints come from the files (topology, endpoints) or,
+with an xds section, from the control plane: the sidecar registers its
+inbound listener with a replica, follows what it pushes, fails over between
+the replicas listed, and is ready once the first map arrives.
+
 The files (config, topology, certificates) are checked every
 reload_interval (default 10s) and at once on SIGHUP; a change that loads
 is applied without dropping a request, one that does not is logged and
@@ -75,8 +80,10 @@ flight finish within drain_timeout, exit 0.`, stderr)
 		return failf(stderr, "sidecar", "%v", err)
 	}
 	defer s.Close()
-	if err := s.Apply(st); err != nil {
-		return failf(stderr, "sidecar", "%v", err)
+	if st.XDS == nil {
+		if err := s.Apply(st); err != nil {
+			return failf(stderr, "sidecar", "%v", err)
+		}
 	}
 	if err := s.Listen(); err != nil {
 		return failf(stderr, "sidecar", "%v", err)
@@ -104,8 +111,35 @@ flight finish within drain_timeout, exit 0.`, stderr)
 	defer cancelWatch()
 	go s.WatchStatic(watchCtx, st, interval, kick)
 	go store.Watch(watchCtx, interval, log)
+	runCtx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	xdsErr := make(chan error, 1)
+	if st.XDS != nil {
+		// The client follows the control plane until the sidecar has
+		// drained, so requests in flight are fenced with the newest map.
+		// It fails only at its start, and then the sidecar stops too.
+		xdsDone := make(chan struct{})
+		go func() {
+			defer close(xdsDone)
+			if err := s.RunXDS(watchCtx, *st.XDS); err != nil {
+				xdsErr <- err
+				cancelRun()
+			}
+		}()
+		defer func() {
+			cancelWatch()
+			<-xdsDone
+		}()
+	}
 
-	if err := s.Run(ctx); err != nil {
+	err = s.Run(runCtx)
+	select {
+	case xerr := <-xdsErr:
+		log.Error("xds client could not start; stopped the sidecar", "error", xerr)
+		return exitError
+	default:
+	}
+	if err != nil {
 		var de *proxy.DrainError
 		if errors.As(err, &de) && ctx.Err() != nil {
 			// Asked to stop, and stopped: the cut requests are logged.
