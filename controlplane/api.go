@@ -23,10 +23,14 @@ import (
 	"github.com/cellmesh/cellmesh/internal/meshtls"
 	"github.com/cellmesh/cellmesh/internal/xdsapi"
 	"github.com/cellmesh/cellmesh/routing"
+	"github.com/cellmesh/cellmesh/routing/topofile"
 )
 
-// maxBody bounds an API request body.
-const maxBody = 64 << 10
+// maxBody bounds an API request body; maxTopology a topology's.
+const (
+	maxBody     = 64 << 10
+	maxTopology = 16 << 20
+)
 
 // Headers between replicas.
 const (
@@ -82,7 +86,7 @@ type route struct {
 
 func (r *Replica) routes() []route {
 	return []route{
-		{pattern: "/v1/topology", methods: map[string]handler{"GET": r.getTopology}},
+		{pattern: "/v1/topology", methods: map[string]handler{"GET": r.getTopology, "PUT": r.putTopology}, write: true},
 		{pattern: "/v1/shards", methods: map[string]handler{"GET": r.getShards}},
 		{pattern: "/v1/shards/{id}", methods: map[string]handler{"GET": r.getShard}},
 		{pattern: "/v1/shards/{id}/move", methods: map[string]handler{"POST": r.postMove}, write: true},
@@ -144,11 +148,15 @@ func (r *Replica) serveRoute(rt route) http.Handler {
 			r.finish(w, req, rt.pattern, nil, errorf(http.StatusMethodNotAllowed, "%s does not take %s; it takes %s", rt.pattern, req.Method, strings.Join(allow, ", ")))
 			return
 		}
-		if rt.write && !r.store.IsLeader() {
+		if rt.write && req.Method != http.MethodGet && !r.store.IsLeader() {
 			r.forward(w, req, rt.pattern)
 			return
 		}
-		req.Body = http.MaxBytesReader(w, req.Body, maxBody)
+		limit := int64(maxBody)
+		if rt.pattern == "/v1/topology" {
+			limit = maxTopology
+		}
+		req.Body = http.MaxBytesReader(w, req.Body, limit)
 		v, err := h(req)
 		if rt.write {
 			w.Header().Set(leaderHeader, r.cfg.ID)
@@ -167,6 +175,10 @@ func (r *Replica) finish(w http.ResponseWriter, req *http.Request, pattern strin
 		} else {
 			code = http.StatusInternalServerError
 		}
+	} else if y, ok := v.(yamlBody); ok {
+		w.Header().Set("Content-Type", "application/yaml")
+		w.Header().Set("Cache-Control", "no-store")
+		w.Write(y)
 	} else {
 		writeJSON(w, code, v)
 	}
@@ -208,7 +220,7 @@ func (r *Replica) forward(w http.ResponseWriter, req *http.Request, pattern stri
 		},
 		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) { failed = err },
 	}
-	req.Body = http.MaxBytesReader(w, req.Body, maxBody)
+	req.Body = http.MaxBytesReader(w, req.Body, maxTopology)
 	p.ServeHTTP(w, req)
 	if failed != nil {
 		r.finish(w, req, pattern, nil, errorf(http.StatusServiceUnavailable,
@@ -284,16 +296,64 @@ func (r *Replica) currentMap() (*routing.ShardMap, error) {
 	return m, nil
 }
 
-func (r *Replica) getTopology(*http.Request) (any, error) {
+// yamlBody is an answer sent as YAML.
+type yamlBody []byte
+
+// getTopology answers the map as cellmesh.v1.ShardMap JSON, or with
+// ?format=yaml as a topology file (to edit, plan and apply again).
+func (r *Replica) getTopology(req *http.Request) (any, error) {
 	m, err := r.currentMap()
 	if err != nil {
 		return nil, err
+	}
+	switch f := req.URL.Query().Get("format"); f {
+	case "yaml":
+		data, err := topofile.Encode(m.Topology())
+		if err != nil {
+			return nil, err
+		}
+		return yamlBody(data), nil
+	case "", "json":
+	default:
+		return nil, errorf(http.StatusBadRequest, "format %q: want json or yaml", f)
 	}
 	data, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(xdsapi.FromTopology(m.Topology()))
 	if err != nil {
 		return nil, err
 	}
 	return json.RawMessage(data), nil
+}
+
+// putTopology commits a topology file (YAML or JSON, the format of
+// routing/topofile) if it is a valid successor of the current map.
+func (r *Replica) putTopology(req *http.Request) (any, error) {
+	data, err := io.ReadAll(req.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, errorf(http.StatusRequestEntityTooLarge, "topology larger than %d bytes", maxTopology)
+		}
+		return nil, errorf(http.StatusBadRequest, "read the body: %v", err)
+	}
+	t, err := topofile.Parse(data)
+	if err != nil {
+		return nil, errorf(http.StatusBadRequest, "topology: %v", err)
+	}
+	if err := t.Validate(); err != nil {
+		return nil, errorf(http.StatusBadRequest, "topology: %v", err)
+	}
+	who := "api"
+	if by := req.Header.Get(forwardedHeader); by != "" {
+		who = "api via " + by
+	}
+	m, err := r.leaderWrite(req.Context(), store.Command{Op: store.OpSetTopology, Topology: t, Who: who, At: time.Now().UTC()})
+	if err != nil {
+		return nil, err
+	}
+	idx := r.store.State().Index
+	r.waitPublished(req.Context(), idx)
+	r.log.Info("topology applied", "version", m.Version(), "by", who)
+	return map[string]uint64{"version": m.Version(), "index": idx}, nil
 }
 
 // Shard is one assignment as the API shows it.

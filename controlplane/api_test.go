@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/cellmesh/cellmesh/routing/topofile"
 )
 
 // Every bad call is refused with a JSON error naming the problem and
@@ -111,6 +113,41 @@ func TestAPIRefusesBadCallsAndMoves(t *testing.T) {
 	getJSON(t, api, "/v1/topology", &topo)
 	if topo["version"] != "2" {
 		t.Fatalf("GET /v1/topology version %v, want \"2\"", topo["version"])
+	}
+
+	// A topology is committed only as a valid successor.
+	file := localTopology(t)
+	file.Version = 3 // but shard 7 is back on its old primary at epoch 1
+	stale, err := topofile.Encode(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := r.Store().Map().Topology()
+	next.Version = 3
+	good, err := topofile.Encode(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before = r.Store().State().Index
+	for _, c := range []struct {
+		body string
+		code int
+		says string
+	}{
+		{"version: [", 400, "topology"},
+		{"", 400, "topology"},
+		{string(stale), 409, "epoch"},
+	} {
+		code, body := do(t, api, "PUT", "/v1/topology", testToken, []byte(c.body))
+		if code != c.code || !strings.Contains(string(body), c.says) {
+			t.Errorf("PUT /v1/topology %.30q: %d %s, want %d saying %q", c.body, code, body, c.code, c.says)
+		}
+	}
+	if after := r.Store().State().Index; after != before {
+		t.Fatalf("refused topologies changed the state: index %d -> %d", before, after)
+	}
+	if code, body := do(t, api, "PUT", "/v1/topology", testToken, good); code != 200 || r.Store().Map().Version() != 3 {
+		t.Fatalf("PUT a successor: %d %s", code, body)
 	}
 }
 

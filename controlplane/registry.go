@@ -167,13 +167,6 @@ func (g *registry) response(_ context.Context, _ int64, _ *discovery.DiscoveryRe
 	g.r.m.pushBytes.WithLabelValues(typeName(resp.GetTypeUrl())).Observe(float64(n))
 }
 
-// connected returns how many streams are open.
-func (g *registry) connected() int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return len(g.streams)
-}
-
 func (g *registry) queue(c store.EndpointChange) {
 	g.mu.Lock()
 	g.pending = append(g.pending, c)

@@ -15,8 +15,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 
 	"github.com/cellmesh/cellmesh/controlplane/store"
 	"github.com/cellmesh/cellmesh/controlplane/xds"
@@ -78,7 +80,24 @@ type Replica struct {
 	stop    context.CancelFunc
 	wg      sync.WaitGroup
 	closing sync.Once
+
+	serving    bool // publishLoop's: the replica has caught up once
+	streamMu   sync.Mutex
+	streams    map[*liveStream]struct{}
+	leaderless time.Time // since when no leader is known (zero: one is)
 }
+
+// liveStream is an xDS stream the replica can end.
+type liveStream struct {
+	since  time.Time
+	cancel context.CancelCauseFunc
+}
+
+// noQuorumCycle is how long a replica that knows no leader keeps an xDS
+// stream before ending it, so its sidecar tries the other replicas of its
+// list (one of them may hold the quorum and newer state); a sidecar that
+// reaches only this replica comes back and gets its last state again.
+const noQuorumCycle = time.Second
 
 // Open checks cfg, opens the state and binds every listener. Run serves.
 func Open(cfg Config) (*Replica, error) {
@@ -139,7 +158,8 @@ func Open(cfg Config) (*Replica, error) {
 	creds := credentials.NewTLS(cfg.TLS.ServerConfig(nil, func(remote string, err error) {
 		r.log.Warn("refused an xDS client's certificate", "remote", remote, "error", err)
 	}))
-	r.xds = xds.NewServer(r.reg.callbacks(), grpc.Creds(creds),
+	r.streams = map[*liveStream]struct{}{}
+	r.xds = xds.NewServer(r.reg.callbacks(), grpc.Creds(creds), grpc.ChainStreamInterceptor(r.trackStream),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(16))
@@ -244,13 +264,22 @@ func (r *Replica) Close() error {
 }
 
 // publishLoop serves every new state over xDS: it builds the resources of
-// the state's raft index, checks them, and publishes them.
+// the state's raft index, checks them, and publishes them. It starts only
+// once the replica has caught up (see caughtUp), so a restarted replica
+// replaying its log never serves an older state than its peers do.
 func (r *Replica) publishLoop(ctx context.Context) {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	started := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-r.store.Changed():
+		case <-t.C:
+		}
+		if !r.serving && !r.caughtUp(started) {
+			continue
 		}
 		st := r.store.State()
 		if st.Map == nil || st.Index <= r.xds.Version() {
@@ -275,6 +304,30 @@ func (r *Replica) publishLoop(ctx context.Context) {
 	}
 }
 
+// caughtUpWait is how long a replica that hears from no leader waits
+// before it serves the state it has on disk anyway.
+const caughtUpWait = 5 * time.Second
+
+// caughtUp decides when the replica starts serving xDS: as the leader, or
+// as a follower that heard from the leader and applied everything it knows
+// committed; or, when no leader answers for caughtUpWait after the start
+// (a replica restarted inside a partition), with what it has on disk.
+func (r *Replica) caughtUp(started time.Time) bool {
+	st := r.store.Stats()
+	_, leader := r.store.Leader()
+	switch {
+	case r.store.IsLeader():
+	case leader != "" && !r.store.LastContact().IsZero() && st.Applied >= st.Commit:
+	case leader == "" && time.Since(started) > caughtUpWait:
+		r.log.Warn("no raft leader answers: serving the state on disk over xDS; it may be behind", "applied", st.Applied)
+	default:
+		return false
+	}
+	r.serving = true
+	r.log.Info("serving xDS", "applied", st.Applied, "commit", st.Commit)
+	return true
+}
+
 // leaderLoop does the leader's chores: record this replica's addresses,
 // apply the configured topology when it is newer than the state's.
 func (r *Replica) leaderLoop(ctx context.Context) {
@@ -286,6 +339,7 @@ func (r *Replica) leaderLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		r.cycleIfLeaderless()
 		if !r.store.IsLeader() {
 			continue
 		}
@@ -319,4 +373,77 @@ func hasReplica(rs []store.Replica, me store.Replica) bool {
 		}
 	}
 	return false
+}
+
+// trackStream lets the replica end an xDS stream (cycleIfLeaderless).
+func (r *Replica) trackStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	ctx, cancel := context.WithCancelCause(ss.Context())
+	defer cancel(nil)
+	ls := &liveStream{since: time.Now(), cancel: cancel}
+	r.streamMu.Lock()
+	r.streams[ls] = struct{}{}
+	r.streamMu.Unlock()
+	defer func() {
+		r.streamMu.Lock()
+		delete(r.streams, ls)
+		r.streamMu.Unlock()
+	}()
+	err := h(srv, &ctxStream{ServerStream: ss, ctx: ctx})
+	if cause := context.Cause(ctx); errors.Is(cause, errNoQuorum) {
+		return status.Error(codes.Unavailable, cause.Error())
+	}
+	return err
+}
+
+var errNoQuorum = errors.New("this control-plane replica knows no raft leader (no quorum): its state may be behind; try another replica")
+
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *ctxStream) Context() context.Context { return s.ctx }
+
+// RecvMsg returns when a message arrives or the stream is ended by the
+// replica: go-control-plane's stream loop ends when its receive fails. An
+// abandoned receive returns when the handler has returned and gRPC closed
+// the stream; its message is never read.
+func (s *ctxStream) RecvMsg(m any) error {
+	done := make(chan error, 1)
+	go func() { done <- s.ServerStream.RecvMsg(m) }()
+	select {
+	case err := <-done:
+		return err
+	case <-s.ctx.Done():
+		return context.Cause(s.ctx)
+	}
+}
+
+// cycleIfLeaderless ends the xDS streams older than noQuorumCycle while
+// the replica has known no leader for that long.
+func (r *Replica) cycleIfLeaderless() {
+	if _, id := r.store.Leader(); id != "" {
+		r.leaderless = time.Time{}
+		return
+	}
+	now := time.Now()
+	if r.leaderless.IsZero() {
+		r.leaderless = now
+		return
+	}
+	if now.Sub(r.leaderless) < noQuorumCycle {
+		return
+	}
+	r.streamMu.Lock()
+	defer r.streamMu.Unlock()
+	n := 0
+	for ls := range r.streams {
+		if now.Sub(ls.since) >= noQuorumCycle {
+			ls.cancel(errNoQuorum)
+			n++
+		}
+	}
+	if n > 0 {
+		r.log.Warn("no raft leader known: ended xDS streams so their sidecars try the other replicas", "streams", n, "leaderless_for", now.Sub(r.leaderless).Round(time.Millisecond))
+	}
 }

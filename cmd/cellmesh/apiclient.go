@@ -43,6 +43,9 @@ func addAPIFlags(fs *flag.FlagSet) *apiFlags {
 	return f
 }
 
+// rawYAML is a request body sent as it is, as YAML.
+type rawYAML []byte
+
 // httpError is an API answer other than 200.
 type httpError struct {
 	status int
@@ -66,7 +69,10 @@ func (f *apiFlags) call(method, path string, body, out any) ([]byte, error) {
 		token = strings.TrimSpace(os.Getenv(tokenEnv))
 	}
 	var rd io.Reader
-	if body != nil {
+	ctype := "application/json"
+	if y, ok := body.(rawYAML); ok {
+		rd, ctype = bytes.NewReader(y), "application/yaml"
+	} else if body != nil {
 		data, err := json.Marshal(body)
 		if err != nil {
 			return nil, err
@@ -84,7 +90,7 @@ func (f *apiFlags) call(method, path string, body, out any) ([]byte, error) {
 		return nil, fmt.Errorf("--api %q: %v", f.api, err)
 	}
 	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", ctype)
 	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)

@@ -146,6 +146,13 @@ func TestHelp(t *testing.T) {
 		{"plan-remove-unit", []string{"plan", "remove-unit", "--help"}, "Usage: cellmesh plan remove-unit --unit U",
 			[]string{"-topology", "-unit", "-load", "-json", "-write-topology", "-dry-run"}},
 		{"plan-remove-unit-h", []string{"plan", "remove-unit", "-h"}, "Usage: cellmesh plan remove-unit --unit U", nil},
+		{"controlplane", []string{"controlplane", "--help"}, "Usage: cellmesh controlplane --id ID --data-dir DIR",
+			[]string{"-id", "-region", "-data-dir", "-raft", "-raft-advertise", "-api", "-xds", "-join", "-topology", "-token-file", "-insecure-dev", "-tls-ca", "-tls-cert", "-tls-key"}},
+		{"status", []string{"status", "--help"}, "Usage: cellmesh status", []string{"-api", "-token", "-token-file", "-json", "-timeout"}},
+		{"shards", []string{"shards", "--help"}, "Usage: cellmesh shards", []string{"-api", "-token", "-json", "-unit", "-region", "-state"}},
+		{"move", []string{"move", "--help"}, "Usage: cellmesh move SHARD --to UNIT", []string{"-api", "-token", "-json", "-to", "-epoch"}},
+		{"topology-get", []string{"topology", "get", "--help"}, "Usage: cellmesh topology get", []string{"-api", "-json"}},
+		{"topology-apply", []string{"topology", "apply", "--help"}, "Usage: cellmesh topology apply FILE", []string{"-api", "-json"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -272,6 +272,15 @@ type Stats struct {
 	Term, Commit, Applied, Last uint64
 }
 
+// LastContact is when this replica last heard from the leader (zero if
+// never; the leader itself reports now).
+func (s *Store) LastContact() time.Time {
+	if s.IsLeader() {
+		return time.Now()
+	}
+	return s.raft.LastContact()
+}
+
 // Stats returns raft's figures now.
 func (s *Store) Stats() Stats {
 	st := s.raft.Stats()

@@ -6,13 +6,17 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/log"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	server "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 )
 
 // meshNode puts every node in one group: the whole mesh sees the same
@@ -30,12 +34,17 @@ type Server struct {
 	grpc       *grpc.Server
 	mu         sync.Mutex
 	version    uint64
+	served     *cache.Snapshot // the Envoy resources served, nil before the first
 	mapVersion uint64
 	mapSet     bool
 }
 
 // NewServer builds a server; Serve starts it. cb (nil for none) sees every
 // stream and request; opts configure the gRPC server (credentials).
+//
+// Responses are encoded without copying their resources for each stream
+// (responseCodec): a version's resources are marshaled once and every
+// stream's response references them.
 func NewServer(cb server.Callbacks, opts ...grpc.ServerOption) *Server {
 	s := &Server{
 		snaps: cache.NewSnapshotCache(true, meshNode{}, log.NewDefaultLogger()),
@@ -52,26 +61,32 @@ func NewServer(cb server.Callbacks, opts ...grpc.ServerOption) *Server {
 		ClassifyDelta: func(r *cache.DeltaRequest) string { return isMap(r.GetTypeUrl()) },
 		Caches:        map[string]cache.Cache{"map": s.maps, "envoy": s.snaps},
 	}
-	s.grpc = grpc.NewServer(opts...)
+	s.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.ForceServerCodecV2(newResponseCodec())}, opts...)...)
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.grpc, server.NewServer(context.Background(), mux, cb))
 	return s
 }
 
 // Publish makes res current for every connected and future client.
-// Versions only move forward: an older or equal version is refused. The
-// shard map is pushed only when its own version changed, so a change of
-// endpoints does not resend the map to every client.
+// Versions only move forward: an older or equal version is refused. Each
+// type is pushed only when it changed: the shard map when its own version
+// did, so a change of endpoints does not resend the map to every client;
+// the clusters and the load assignments when their resources did (a type
+// that did not keeps the version it was served at), so a shard move does
+// not resend them.
 func (s *Server) Publish(ctx context.Context, version uint64, res *Resources) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if version <= s.version {
 		return fmt.Errorf("publish version %d: version %d is already published; versions only move forward", version, s.version)
 	}
-	if got := res.Endpoints.GetVersion("type.googleapis.com/envoy.config.cluster.v3.Cluster"); got != strconv.FormatUint(version, 10) {
+	if got := res.Endpoints.GetVersion(resource.ClusterType); got != strconv.FormatUint(version, 10) {
 		return fmt.Errorf("publish version %d: the snapshot is version %q", version, got)
 	}
-	if err := s.snaps.SetSnapshot(ctx, "mesh", res.Endpoints); err != nil {
-		return fmt.Errorf("publish version %d: %w", version, err)
+	if snap, changed := keepUnchanged(s.served, res.Endpoints); changed {
+		if err := s.snaps.SetSnapshot(ctx, "mesh", snap); err != nil {
+			return fmt.Errorf("publish version %d: %w", version, err)
+		}
+		s.served = snap
 	}
 	if mv := res.ShardMap.GetVersion(); !s.mapSet || mv != s.mapVersion {
 		if err := s.maps.UpdateResource(ShardMapName, res.ShardMap); err != nil {
@@ -95,3 +110,40 @@ func (s *Server) Serve(ln net.Listener) error { return s.grpc.Serve(ln) }
 
 // Stop ends every stream and the server.
 func (s *Server) Stop() { s.grpc.Stop() }
+
+// keepUnchanged returns the snapshot to serve after served (nil for
+// none): next, except that each type whose resources equal served's keeps
+// served's resources and version, so that clients holding them are not
+// sent them again. changed is false when no type changed.
+func keepUnchanged(served, next *cache.Snapshot) (snap *cache.Snapshot, changed bool) {
+	if served == nil {
+		return next, true
+	}
+	snap = &cache.Snapshot{}
+	for i := range next.Resources {
+		if sameItems(served.Resources[i].Items, next.Resources[i].Items) {
+			snap.Resources[i] = served.Resources[i]
+		} else {
+			snap.Resources[i] = next.Resources[i]
+			changed = true
+		}
+	}
+	return snap, changed
+}
+
+func sameItems(a, b map[string]types.ResourceWithTTL) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for name, x := range a {
+		y, ok := b[name]
+		if !ok || !proto.Equal(x.Resource, y.Resource) || !sameTTL(x.TTL, y.TTL) {
+			return false
+		}
+	}
+	return true
+}
+
+func sameTTL(a, b *time.Duration) bool {
+	return a == b || (a != nil && b != nil && *a == *b)
+}

@@ -3,6 +3,7 @@ package xds
 import (
 	"context"
 	"net"
+	"strconv"
 	"testing"
 	"time"
 
@@ -129,5 +130,140 @@ func TestADSStream(t *testing.T) {
 	}
 	if err := s.Publish(ctx, 1, res); err == nil {
 		t.Fatal("an older version was published")
+	}
+}
+
+// A shard move resends only the map: the clusters and load assignments,
+// unchanged, keep their version and are not sent again; an endpoint
+// change resends them (at the new version) and not the map. A map of
+// 10,000 shards arrives whole (the shared encoding of large resources).
+func TestPublishSendsWhatChanged(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s := NewServer(nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(ln)
+	defer s.Stop()
+
+	topo := localMap(t).Topology()
+	topo.Shards = 10000
+	topo.Assignments = topo.Assignments[:0]
+	units := []string{"us-east-1", "us-east-2", "eu-west-1", "eu-west-2"}
+	standby := map[string]string{"us-east-1": "eu-west-1", "us-east-2": "eu-west-2", "eu-west-1": "us-east-1", "eu-west-2": "us-east-2"}
+	for i := range topo.Shards {
+		u := units[i*len(units)/topo.Shards]
+		topo.Assignments = append(topo.Assignments, routing.Assignment{Shard: i, Primary: u, Standbys: []string{standby[u]}, Epoch: 1, State: routing.StateServing})
+	}
+	m, err := routing.Compile(topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps := []Endpoint{{"echo", "us-east-1", "127.0.0.1:15201", "quic"}}
+	publish := func(version uint64, m *routing.ShardMap, eps []Endpoint) {
+		t.Helper()
+		res, err := Build(strconv.FormatUint(version, 10), m, eps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Publish(ctx, version, res); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publish(1, m, eps)
+
+	conn, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// next receives the next response and ACKs it.
+	next := func() *discovery.DiscoveryResponse {
+		t.Helper()
+		r, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ack := &discovery.DiscoveryRequest{TypeUrl: r.TypeUrl, VersionInfo: r.VersionInfo, ResponseNonce: r.Nonce}
+		switch r.TypeUrl {
+		case ShardMapType:
+			ack.ResourceNames = []string{ShardMapName}
+		case resource.EndpointType:
+			ack.ResourceNames = []string{ClusterName("echo", "us-east-1"), ClusterName("echo", "eu-west-1")}
+		}
+		if err := stream.Send(ack); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	mapOf := func(r *discovery.DiscoveryResponse) *routing.Topology {
+		t.Helper()
+		var sm cellmeshv1.ShardMap
+		if err := r.Resources[0].UnmarshalTo(&sm); err != nil {
+			t.Fatal(err)
+		}
+		got, err := xdsapi.ToTopology(&sm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	node := &core.Node{Id: "sidecar-us-east-1"}
+	for _, req := range []*discovery.DiscoveryRequest{
+		{Node: node, TypeUrl: resource.ClusterType},
+		{TypeUrl: resource.EndpointType, ResourceNames: []string{ClusterName("echo", "us-east-1")}},
+		{TypeUrl: ShardMapType, ResourceNames: []string{ShardMapName}},
+	} {
+		if err := stream.Send(req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 3 {
+		r := next()
+		if r.TypeUrl == ShardMapType {
+			if got := mapOf(r); got.Version != 1 || len(got.Assignments) != 10000 || got.Assignments[9999].Primary != "eu-west-2" {
+				t.Fatalf("first map: version %d, %d assignments", got.Version, len(got.Assignments))
+			}
+		} else if r.VersionInfo != "1" {
+			t.Fatalf("first %s at version %q, want 1", r.TypeUrl, r.VersionInfo)
+		}
+	}
+
+	// Shard 7 moves: the map only (were the clusters resent, they would
+	// come first).
+	moved := m.Topology()
+	moved.Version = 2
+	moved.Assignments[7].Primary, moved.Assignments[7].Standbys, moved.Assignments[7].Epoch = "eu-west-1", []string{"us-east-1"}, 2
+	m2, err := routing.Compile(moved)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publish(2, m2, eps)
+	r := next()
+	if r.TypeUrl != ShardMapType {
+		t.Fatalf("after a shard move: %s at version %q, want the shard map", r.TypeUrl, r.VersionInfo)
+	}
+	if got := mapOf(r); got.Version != 2 || got.Assignments[7].Primary != "eu-west-1" || got.Assignments[7].Epoch != 2 || len(got.Assignments) != 10000 {
+		t.Fatalf("after a shard move: map version %d, shard 7 on %s at epoch %d", got.Version, got.Assignments[7].Primary, got.Assignments[7].Epoch)
+	}
+
+	// A second endpoint in the same cluster: the load assignment only, at
+	// version 3; then a new cluster: the clusters at version 4.
+	publish(3, m2, append(eps, Endpoint{"echo", "us-east-1", "127.0.0.1:15211", "quic"}))
+	if r := next(); r.TypeUrl != resource.EndpointType || r.VersionInfo != "3" {
+		t.Fatalf("after an endpoint change: %s at version %q, want endpoints at 3", r.TypeUrl, r.VersionInfo)
+	}
+	publish(4, m2, append(eps, Endpoint{"echo", "us-east-1", "127.0.0.1:15211", "quic"}, Endpoint{"echo", "eu-west-1", "127.0.0.1:15301", "quic"}))
+	if r := next(); r.TypeUrl != resource.ClusterType || r.VersionInfo != "4" || len(r.Resources) != 2 {
+		t.Fatalf("after a new cluster: %s at version %q with %d resources, want 2 clusters at 4", r.TypeUrl, r.VersionInfo, len(r.Resources))
+	}
+	if s.Version() != 4 {
+		t.Fatalf("published version %d, want 4", s.Version())
 	}
 }
