@@ -539,6 +539,17 @@ type Members struct {
 	Index     uint64               `json:"index"`
 	Replicas  []Member             `json:"replicas"`
 	Endpoints []store.Registration `json:"endpoints"`
+	Leases    []LeaseView          `json:"leases"`
+}
+
+// LeaseView is a unit's lease as the API shows it: the last grant and
+// when it ends on the leader's clock.
+type LeaseView struct {
+	Unit       string    `json:"unit"`
+	Seq        uint64    `json:"seq"`
+	TTLSeconds float64   `json:"ttl_seconds"`
+	GrantedAt  time.Time `json:"granted_at"`
+	EndsAt     time.Time `json:"ends_at"`
 }
 
 func (r *Replica) getMembers(*http.Request) (any, error) {
@@ -548,7 +559,10 @@ func (r *Replica) getMembers(*http.Request) (any, error) {
 	}
 	st := r.store.State()
 	_, leader := r.store.Leader()
-	out := Members{Replica: r.cfg.ID, Leader: leader, Index: st.Index, Replicas: []Member{}, Endpoints: append([]store.Registration{}, st.Endpoints...)}
+	out := Members{Replica: r.cfg.ID, Leader: leader, Index: st.Index, Replicas: []Member{}, Endpoints: append([]store.Registration{}, st.Endpoints...), Leases: []LeaseView{}}
+	for _, l := range st.Leases {
+		out.Leases = append(out.Leases, LeaseView{Unit: l.Unit, Seq: l.Seq, TTLSeconds: l.TTL.Seconds(), GrantedAt: l.GrantedAt, EndsAt: l.Ends()})
+	}
 	for _, s := range conf {
 		mb := Member{ID: s.ID, Raft: s.Address, Voter: s.Voter, Leader: s.ID == leader}
 		for _, rep := range st.Replicas {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -23,6 +24,7 @@ import (
 	"github.com/cellmesh/cellmesh/controlplane/store"
 	"github.com/cellmesh/cellmesh/controlplane/xds"
 	"github.com/cellmesh/cellmesh/internal/meshtls"
+	"github.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1"
 	"github.com/cellmesh/cellmesh/routing"
 )
 
@@ -55,6 +57,9 @@ type Config struct {
 	// meshtls.ControlPlaneService: the xDS server presents it and checks
 	// sidecars' certificates against its CA bundle.
 	TLS *meshtls.Store
+	// LeaseTTL is the lease the leader grants every unit with a connected
+	// sidecar, renewed every LeaseTTL/4 (default 4s).
+	LeaseTTL time.Duration
 	// Fast shortens raft's timeouts (tests on one machine).
 	Fast bool
 	// Logger and Registry default to discarding and a new registry.
@@ -123,6 +128,9 @@ func Open(cfg Config) (*Replica, error) {
 			problems = append(problems, fmt.Sprintf("%s address %q: want ip:port", a.name, a.addr))
 		}
 	}
+	if cfg.LeaseTTL < 0 || (cfg.LeaseTTL > 0 && cfg.LeaseTTL < 100*time.Millisecond) {
+		problems = append(problems, fmt.Sprintf("lease ttl %s: want at least 100ms", cfg.LeaseTTL))
+	}
 	if cfg.Topology != nil {
 		if _, err := routing.Compile(cfg.Topology); err != nil {
 			problems = append(problems, fmt.Sprintf("topology: %v", err))
@@ -136,6 +144,9 @@ func Open(cfg Config) (*Replica, error) {
 	}
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
+	}
+	if cfg.LeaseTTL == 0 {
+		cfg.LeaseTTL = DefaultLeaseTTL
 	}
 	var nonce [6]byte
 	_, _ = rand.Read(nonce[:])
@@ -176,6 +187,9 @@ func Open(cfg Config) (*Replica, error) {
 		ErrorLog: slog.NewLogLogger(r.log.Handler(), slog.LevelWarn)}
 	return r, nil
 }
+
+// DefaultLeaseTTL is the lease granted to units when Config does not say.
+const DefaultLeaseTTL = 4 * time.Second
 
 // ConfigError lists every problem of a Config.
 type ConfigError struct{ Problems []string }
@@ -271,6 +285,7 @@ func (r *Replica) publishLoop(ctx context.Context) {
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	started := time.Now()
+	last := &store.State{} // what was published last
 	for {
 		select {
 		case <-ctx.Done():
@@ -286,21 +301,35 @@ func (r *Replica) publishLoop(ctx context.Context) {
 			continue
 		}
 		start := time.Now()
-		eps := make([]xds.Endpoint, 0, len(st.Endpoints))
-		for _, e := range st.Endpoints {
-			eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport})
+		leases := make([]*cellmeshv1.Lease, 0, len(st.Leases))
+		for _, l := range st.Leases {
+			leases = append(leases, &cellmeshv1.Lease{Name: l.Unit, Unit: l.Unit, Seq: l.Seq, TtlMillis: uint64(l.TTL / time.Millisecond)})
 		}
-		res, err := xds.Build(strconv.FormatUint(st.Index, 10), st.Map, eps)
-		if err == nil {
-			err = r.xds.Publish(ctx, st.Index, res)
+		var err error
+		if st.Map == last.Map && slices.Equal(st.Endpoints, last.Endpoints) {
+			// Only leases changed (a renewal every second): the map and
+			// the endpoints are not built again.
+			err = r.xds.PublishLeases(st.Index, leases)
+		} else {
+			eps := make([]xds.Endpoint, 0, len(st.Endpoints))
+			for _, e := range st.Endpoints {
+				eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport})
+			}
+			var res *xds.Resources
+			res, err = xds.Build(strconv.FormatUint(st.Index, 10), st.Map, eps)
+			if err == nil {
+				res.Leases = leases
+				err = r.xds.Publish(ctx, st.Index, res)
+			}
 		}
 		if err != nil {
 			r.m.publishErrors.Inc()
 			r.log.Error("state not published over xDS; sidecars keep the previous version", "index", st.Index, "error", err)
 			continue
 		}
+		last = st
 		r.m.pushDuration.Observe(time.Since(start).Seconds())
-		r.log.Debug("published", "index", st.Index, "map_version", st.Map.Version(), "endpoints", len(eps))
+		r.log.Debug("published", "index", st.Index, "map_version", st.Map.Version(), "endpoints", len(st.Endpoints), "leases", len(leases))
 	}
 }
 
@@ -329,15 +358,21 @@ func (r *Replica) caughtUp(started time.Time) bool {
 }
 
 // leaderLoop does the leader's chores: record this replica's addresses,
-// apply the configured topology when it is newer than the state's.
+// apply the configured topology when it is newer than the state's, and
+// renew the leases of the units whose sidecars are connected.
 func (r *Replica) leaderLoop(ctx context.Context) {
 	t := time.NewTicker(250 * time.Millisecond)
 	defer t.Stop()
+	var lastGrant time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if r.store.IsLeader() && time.Since(lastGrant) >= r.cfg.LeaseTTL/4 {
+			lastGrant = time.Now()
+			r.grantLeases(ctx)
 		}
 		r.cycleIfLeaderless()
 		if !r.store.IsLeader() {
@@ -358,6 +393,30 @@ func (r *Replica) leaderLoop(ctx context.Context) {
 				r.log.Info("applied the configured topology", "version", t.Version)
 			}
 		}
+	}
+}
+
+// grantLeases renews the lease of every unit with a registered sidecar. A
+// unit whose sidecars are all gone gets no renewal: its lease ends.
+func (r *Replica) grantLeases(ctx context.Context) {
+	st := r.store.State()
+	if st.Map == nil {
+		return
+	}
+	var units []string
+	for _, e := range st.Endpoints {
+		if !slices.Contains(units, e.Unit) {
+			units = append(units, e.Unit)
+		}
+	}
+	if len(units) == 0 {
+		return
+	}
+	slices.Sort(units)
+	gctx, cancel := context.WithTimeout(ctx, r.cfg.LeaseTTL/2)
+	defer cancel()
+	if _, err := r.store.Apply(gctx, store.Command{Op: store.OpGrant, Grants: units, TTL: r.cfg.LeaseTTL, Who: "leader " + r.cfg.ID, At: time.Now().UTC()}); err != nil {
+		r.log.Warn("lease renewal not committed", "units", len(units), "error", err)
 	}
 }
 

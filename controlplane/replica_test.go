@@ -5,8 +5,12 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
+
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 
 	"github.com/cellmesh/cellmesh/internal/xdsapi"
+	"github.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1"
 )
 
 // Three replicas formed by --join: sidecars register through any replica
@@ -63,6 +67,45 @@ func TestThreeReplicasJoinRegisterForward(t *testing.T) {
 		}
 		return true
 	})
+
+	// The unit of a registered sidecar holds a lease, renewed by the
+	// leader: its grants come with rising seq.
+	lease := func(after uint64) *cellmeshv1.Lease {
+		t.Helper()
+		for {
+			resp, err := c.stream.Recv()
+			if err != nil {
+				t.Fatalf("waiting for a lease: %v", err)
+			}
+			if resp.GetTypeUrl() != xdsapi.LeaseType {
+				continue
+			}
+			if err := c.stream.Send(&discovery.DiscoveryRequest{TypeUrl: xdsapi.LeaseType, ResourceNames: []string{"us-east-1"},
+				VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}); err != nil {
+				t.Fatal(err)
+			}
+			if len(resp.GetResources()) != 1 {
+				continue
+			}
+			var l cellmeshv1.Lease
+			if err := resp.GetResources()[0].UnmarshalTo(&l); err != nil {
+				t.Fatal(err)
+			}
+			if l.GetSeq() > after {
+				return &l
+			}
+		}
+	}
+	if err := c.stream.Send(&discovery.DiscoveryRequest{TypeUrl: xdsapi.LeaseType, ResourceNames: []string{"us-east-1"}}); err != nil {
+		t.Fatal(err)
+	}
+	l1 := lease(0)
+	if l1.GetUnit() != "us-east-1" || l1.GetName() != "us-east-1" || l1.GetTtlMillis() != uint64(DefaultLeaseTTL/time.Millisecond) {
+		t.Fatalf("lease %v", l1)
+	}
+	if l2 := lease(l1.GetSeq()); l2.GetSeq() <= l1.GetSeq() {
+		t.Fatalf("renewal %v after %v", l2, l1)
+	}
 
 	// A sidecar whose certificate says us-east-1 cannot register as eu-west-1.
 	bad := map[string]string{xdsapi.MetaService: "echo", xdsapi.MetaUnit: "eu-west-1", xdsapi.MetaRegion: "eu-west",

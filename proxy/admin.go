@@ -68,6 +68,9 @@ type Status struct {
 	// XDS is the xDS client's state; absent when the map and endpoints
 	// come from files.
 	XDS *XDSStatus `json:"xds,omitempty"`
+	// Lease is the unit's lease from the control plane, absent before the
+	// first grant.
+	Lease *LeaseStatus `json:"lease,omitempty"`
 }
 
 // Status returns the sidecar's state now.
@@ -91,6 +94,7 @@ func (s *Sidecar) Status() Status {
 		x := c.snapshot()
 		st.XDS = &x
 	}
+	st.Lease = s.leaseStatus()
 	return st
 }
 

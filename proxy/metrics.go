@@ -79,7 +79,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		}),
 		xdsUpdates: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cellmesh_xds_updates_total",
-			Help: "xDS responses handled, by type (cluster, endpoint, shardmap) and result (ack: applied or already in use; nack: refused, the last good one kept).",
+			Help: "xDS responses handled, by type (cluster, endpoint, shardmap, lease) and result (ack: applied or already in use; nack: refused, the last good one kept).",
 		}, []string{"type", "result"}),
 		xdsReconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cellmesh_xds_reconnects_total",
@@ -94,8 +94,12 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		Name: "cellmesh_certificate_expiry_timestamp_seconds",
 		Help: "When this sidecar's certificate expires, as a Unix time.",
 	}, func() float64 { return float64(s.cfg.TLS.NotAfter().Unix()) })
+	leaseRemaining := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cellmesh_lease_remaining_seconds",
+		Help: "How long the unit's lease from the control plane lasts, as this sidecar counts it (0: none or ended).",
+	}, func() float64 { return s.LeaseRemaining().Seconds() })
 	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.inflight, m.tlsRejected,
-		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry, m.xdsConnected, m.xdsUpdates, m.xdsReconnects)
+		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry, m.xdsConnected, m.xdsUpdates, m.xdsReconnects, leaseRemaining)
 	return m
 }
 

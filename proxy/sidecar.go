@@ -56,6 +56,9 @@ type Sidecar struct {
 	closed   sync.Once
 
 	xds atomic.Pointer[xdsClient] // set by RunXDS, for /config
+
+	leaseMu sync.Mutex // serializes grants
+	lease   atomic.Pointer[leaseGrant]
 }
 
 // New checks cfg and builds a sidecar. It starts nothing and binds no

@@ -136,6 +136,7 @@ const (
 	xdsCluster  = "cluster"
 	xdsEndpoint = "endpoint"
 	xdsShardMap = "shardmap"
+	xdsLease    = "lease"
 )
 
 func xdsShort(typeURL string) string {
@@ -146,6 +147,8 @@ func xdsShort(typeURL string) string {
 		return xdsEndpoint
 	case xdsapi.ShardMapType:
 		return xdsShardMap
+	case xdsapi.LeaseType:
+		return xdsLease
 	}
 	return typeURL
 }
@@ -399,7 +402,7 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 	}
 	// The versions held go with the first requests, so a replica that
 	// serves the same need not resend them.
-	for _, typ := range []string{resource.ClusterType, resource.EndpointType, xdsapi.ShardMapType} {
+	for _, typ := range []string{resource.ClusterType, resource.EndpointType, xdsapi.ShardMapType, xdsapi.LeaseType} {
 		if typ == resource.EndpointType && len(c.clusters) == 0 {
 			continue // an endpoint request naming no cluster would ask for all of them
 		}
@@ -556,7 +559,7 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 		answered = true
 		r := in.r
 		typ := r.GetTypeUrl()
-		if typ != resource.ClusterType && typ != resource.EndpointType && typ != xdsapi.ShardMapType {
+		if typ != resource.ClusterType && typ != resource.EndpointType && typ != xdsapi.ShardMapType && typ != xdsapi.LeaseType {
 			// Answering would subscribe to the type.
 			log.Warn("xds response of a type never asked for; ignored", "type_url", typ)
 			continue
@@ -622,6 +625,8 @@ func (c *xdsClient) request(typ string, ss *streamState) *discovery.DiscoveryReq
 		req.ResourceNames = c.clusterNames()
 	case xdsapi.ShardMapType:
 		req.ResourceNames = []string{xdsapi.ShardMapName}
+	case xdsapi.LeaseType:
+		req.ResourceNames = []string{c.s.cfg.Identity.Unit}
 	}
 	// Clusters: no names, every cluster (wildcard).
 	return req
@@ -638,9 +643,41 @@ func (c *xdsClient) apply(log *slog.Logger, r *discovery.DiscoveryResponse) erro
 		return c.applyClusters(log, r)
 	case resource.EndpointType:
 		return c.applyEndpoints(log, r)
+	case xdsapi.LeaseType:
+		return c.applyLease(log, r)
 	default:
 		return c.applyShardMap(log, r)
 	}
+}
+
+// applyLease takes the unit's lease grant. A grant not newer than the one
+// held is acknowledged and ignored (it must not extend the lease).
+func (c *xdsClient) applyLease(log *slog.Logger, r *discovery.DiscoveryResponse) error {
+	unit := c.s.cfg.Identity.Unit
+	res := r.GetResources()
+	switch len(res) {
+	case 0:
+		log.Debug("xds: no lease for this unit yet", "version", r.GetVersionInfo())
+		return nil
+	case 1:
+	default:
+		return fmt.Errorf("%d lease resources, want the one of unit %s", len(res), unit)
+	}
+	var l cellmeshv1.Lease
+	if err := unwrap(res[0], &l); err != nil {
+		return fmt.Errorf("lease: %w", err)
+	}
+	if l.GetUnit() != unit || l.GetName() != unit {
+		return fmt.Errorf("lease of unit %q (resource %q), want this sidecar's unit %s", l.GetUnit(), l.GetName(), unit)
+	}
+	if l.GetTtlMillis() == 0 || l.GetTtlMillis() > uint64(time.Hour/time.Millisecond) {
+		return fmt.Errorf("lease ttl %d ms: want 1 ms to 1 hour", l.GetTtlMillis())
+	}
+	ttl := time.Duration(l.GetTtlMillis()) * time.Millisecond
+	if c.s.grantLease(l.GetSeq(), ttl) {
+		log.Debug("xds lease granted", "seq", l.GetSeq(), "ttl_seconds", ttl.Seconds())
+	}
+	return nil
 }
 
 // unwrap returns the resource in a, unwrapping a discovery Resource (the

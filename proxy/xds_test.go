@@ -49,12 +49,13 @@ const xdsWait = 20 * time.Second
 // gRPC with mutual TLS. It records every request and response of its
 // streams.
 type testCP struct {
-	t     *testing.T
-	addr  string
-	snaps cache.SnapshotCache
-	maps  *cache.LinearCache
-	srv   *grpc.Server
-	done  chan struct{}
+	t      *testing.T
+	addr   string
+	snaps  cache.SnapshotCache
+	maps   *cache.LinearCache
+	leases *cache.LinearCache
+	srv    *grpc.Server
+	done   chan struct{}
 
 	mu    sync.Mutex
 	reqs  []*discovery.DiscoveryRequest
@@ -77,21 +78,25 @@ func (meshHash) ID(*core.Node) string { return "mesh" }
 func newTestCP(t *testing.T, ca *testCA, id meshtls.ID, addr string) *testCP {
 	t.Helper()
 	cp := &testCP{
-		t:     t,
-		snaps: cache.NewSnapshotCache(true, meshHash{}, nil),
-		maps:  cache.NewLinearCache(xdsapi.ShardMapType),
-		done:  make(chan struct{}),
+		t:      t,
+		snaps:  cache.NewSnapshotCache(true, meshHash{}, nil),
+		maps:   cache.NewLinearCache(xdsapi.ShardMapType),
+		leases: cache.NewLinearCache(xdsapi.LeaseType),
+		done:   make(chan struct{}),
 	}
 	isMap := func(typeURL string) string {
-		if typeURL == xdsapi.ShardMapType {
+		switch typeURL {
+		case xdsapi.ShardMapType:
 			return "map"
+		case xdsapi.LeaseType:
+			return "lease"
 		}
 		return "envoy"
 	}
 	mux := &cache.MuxCache{
 		Classify:      func(r *cache.Request) string { return isMap(r.GetTypeUrl()) },
 		ClassifyDelta: func(r *cache.DeltaRequest) string { return isMap(r.GetTypeUrl()) },
-		Caches:        map[string]cache.Cache{"map": cp.maps, "envoy": cp.snaps},
+		Caches:        map[string]cache.Cache{"map": cp.maps, "lease": cp.leases, "envoy": cp.snaps},
 	}
 	cb := server.CallbackFuncs{
 		StreamOpenFunc: func(context.Context, int64, string) error {
@@ -904,5 +909,74 @@ func TestRunXDSConfigErrors(t *testing.T) {
 	}
 	if sc.Status().XDS != nil {
 		t.Error("a refused RunXDS left xDS state in /config")
+	}
+}
+
+// The unit's lease: the sidecar asks for its own unit's, counts a grant
+// from its receipt less the skew margin, ignores a resend of a grant it
+// holds (it must not extend the lease), takes a newer one, refuses a bad
+// one (NACK) keeping what it has, and shows it on /config and /metrics.
+func TestXDSLease(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	cp := newTestCP(t, m.ca, cpID("cp-1"), "127.0.0.1:0")
+	cp.publish(m.topo, m.endpoints())
+	x := xdsNode(t, m.ca, clientID, XDSConfig{Servers: []string{cp.addr}}, nil)
+	waitFor(t, xdsWait, x.sc.Ready, "the first map")
+	req := cp.waitRequest("the lease request", func(r *discovery.DiscoveryRequest) bool { return r.GetTypeUrl() == xdsapi.LeaseType })
+	if !slices.Equal(req.GetResourceNames(), []string{"us-east-1"}) {
+		t.Fatalf("lease request names %q, want [us-east-1]", req.GetResourceNames())
+	}
+	if x.sc.LeaseRemaining() != 0 || x.sc.Status().Lease != nil {
+		t.Fatal("a lease before any grant")
+	}
+	grant := func(unit string, seq, ttlMillis uint64) {
+		t.Helper()
+		if err := cp.leases.UpdateResource(unit, &cellmeshv1.Lease{Name: unit, Unit: unit, Seq: seq, TtlMillis: ttlMillis}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	grant("eu-west-1", 7, 60000) // another unit's: never sent to this sidecar
+	grant("us-east-1", 1, 60000)
+	waitFor(t, xdsWait, func() bool { return x.sc.LeaseRemaining() > 0 }, "the grant")
+	first := x.sc.lease.Load()
+	if first.seq != 1 || first.ttl != time.Minute {
+		t.Fatalf("lease %+v, want seq 1 for 60s", first)
+	}
+	if r := x.sc.LeaseRemaining(); r > time.Minute-leaseSkewMargin {
+		t.Fatalf("remaining %s is more than the ttl less the margin", r)
+	}
+	// A resend of seq 1 (another version of the same grant) is ACKed and
+	// ignored.
+	acks := xdsUpdates(x, "lease", "ack")
+	grant("us-east-1", 1, 60000)
+	waitFor(t, xdsWait, func() bool { return xdsUpdates(x, "lease", "ack") > acks }, "the resend's ACK")
+	if x.sc.lease.Load() != first {
+		t.Fatal("a resent grant extended the lease")
+	}
+	// A bad grant is refused, and the lease held stays.
+	grant("us-east-1", 2, 0)
+	cp.waitNACK(xdsapi.LeaseType, "lease ttl 0 ms")
+	if x.sc.lease.Load() != first {
+		t.Fatal("a refused grant changed the lease")
+	}
+	grant("us-east-1", 3, 30000)
+	waitFor(t, xdsWait, func() bool { return x.sc.lease.Load().seq == 3 }, "the next grant")
+	st := x.sc.Status().Lease
+	if st == nil || st.Seq != 3 || st.TTLSeconds != 30 || st.RemainingSeconds <= 0 || st.RemainingSeconds > 30 {
+		t.Fatalf("/config lease %+v", st)
+	}
+	mfs, err := x.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, mf := range mfs {
+		if mf.GetName() == "cellmesh_lease_remaining_seconds" {
+			v := mf.GetMetric()[0].GetGauge().GetValue()
+			found = v > 0 && v <= 30
+		}
+	}
+	if !found {
+		t.Fatal("cellmesh_lease_remaining_seconds is not the lease's remaining time")
 	}
 }

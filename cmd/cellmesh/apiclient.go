@@ -151,8 +151,9 @@ type topologyUnits struct {
 func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("status", "cellmesh status [--api URL] [--token T] [--json]",
 		`Shows the control plane: its replicas (leader, voters, addresses), the
-state's raft index and map version, and per unit the shards it owns and
-the sidecars registered in it.`, stderr)
+state's raft index and map version, and per unit the shards it owns, the
+sidecars registered in it and how long its lease lasts (on the leader's
+clock: a unit whose sidecars are all gone is not renewed).`, stderr)
 	f := addAPIFlags(fs)
 	if code, done := parse(fs, args, stdout); done {
 		return code
@@ -204,7 +205,14 @@ the sidecars registered in it.`, stderr)
 		fmt.Fprintf(stdout, "\nno shard map: %v\n", errors.Join(serr, terr))
 		return exitOK
 	}
-	owned, eps := map[string]int{}, map[string]int{}
+	owned, eps, lease := map[string]int{}, map[string]int{}, map[string]string{}
+	for _, l := range members.Leases {
+		if left := time.Until(l.EndsAt); left > 0 {
+			lease[l.Unit] = left.Round(100 * time.Millisecond).String()
+		} else {
+			lease[l.Unit] = "ended"
+		}
+	}
 	for _, s := range shards.Shards {
 		owned[s.Unit]++
 	}
@@ -212,9 +220,9 @@ the sidecars registered in it.`, stderr)
 		eps[e.Unit]++
 	}
 	tw = tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "\nUNIT\tREGION\tKIND\tSHARDS\tSIDECARS")
+	fmt.Fprintln(tw, "\nUNIT\tREGION\tKIND\tSHARDS\tSIDECARS\tLEASE")
 	for _, u := range topo.Units {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\n", u.Name, u.Region, dash(u.Kind), owned[u.Name], eps[u.Name])
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\n", u.Name, u.Region, dash(u.Kind), owned[u.Name], eps[u.Name], dash(lease[u.Name]))
 	}
 	tw.Flush()
 	return exitOK

@@ -522,6 +522,13 @@ func TestControlPlaneProcesses(t *testing.T) {
 	}()
 	r1 := cm.replicas[0]
 
+	// Every unit with a sidecar holds a lease, renewed by the leader.
+	for _, p := range cm.units {
+		cm.waitUntil(p.unit+"'s lease", 30*time.Second, func() bool {
+			return metricValue(t, metricsOf(t, p.admin), "cellmesh_lease_remaining_seconds") > 0
+		})
+	}
+
 	// The operator's view.
 	out, code := cm.ctl(r1, "status")
 	for _, want := range []string{"cp-1", "cp-2", "cp-3", "leader", "us-east-1", "eu-west-2"} {
@@ -529,8 +536,8 @@ func TestControlPlaneProcesses(t *testing.T) {
 			t.Fatalf("cellmesh status (exit %d) lacks %q:\n%s", code, want, out)
 		}
 	}
-	if !regexp.MustCompile(`(?m)^us-east-1\s+us-east\s+rzone\s+25\s+1\s*$`).MatchString(out) {
-		t.Fatalf("cellmesh status does not show us-east-1 with 25 shards and 1 sidecar:\n%s", out)
+	if !regexp.MustCompile(`(?m)^us-east-1\s+us-east\s+rzone\s+25\s+1\s+[0-9.]+m?s\s*$`).MatchString(out) {
+		t.Fatalf("cellmesh status does not show us-east-1 with 25 shards, 1 sidecar and a lease:\n%s", out)
 	}
 	out, code = cm.ctl(r1, "shards", "--region", "eu-west", "--json")
 	var shards struct{ Shards []struct{ Region string } }

@@ -35,7 +35,25 @@ const (
 	OpReplica = "replica"
 	// OpForgetReplica drops the record of replica Replica.ID.
 	OpForgetReplica = "forget-replica"
+	// OpGrant grants the units of Grants a lease of TTL from At (the
+	// leader's clock): each one's Seq rises. Units the map lacks are
+	// skipped.
+	OpGrant = "grant"
 )
+
+// Lease is a unit's right to accept writes for its shards: granted by the
+// leader, renewed while the unit's sidecars are connected. The sidecars
+// count it from its receipt on their own clock; a new leader knows from
+// GrantedAt when the last grant may end.
+type Lease struct {
+	Unit      string        `json:"unit"`
+	Seq       uint64        `json:"seq"`
+	TTL       time.Duration `json:"ttl"`
+	GrantedAt time.Time     `json:"granted_at"`
+}
+
+// Ends is when the lease ends at the latest, on the granting leader's clock.
+func (l Lease) Ends() time.Time { return l.GrantedAt.Add(l.TTL) }
 
 // Registration is a sidecar registered as an endpoint of its service in
 // its unit, through the xDS stream it holds with a replica.
@@ -82,6 +100,8 @@ type Command struct {
 	Epoch     uint64            `json:"epoch,omitempty"`
 	Endpoints []EndpointChange  `json:"endpoints,omitempty"`
 	Replica   *Replica          `json:"replica,omitempty"`
+	Grants    []string          `json:"grants,omitempty"`
+	TTL       time.Duration     `json:"ttl,omitempty"`
 	Who       string            `json:"who"`
 	At        time.Time         `json:"at"`
 }
@@ -116,6 +136,8 @@ type State struct {
 	Endpoints []Registration
 	// Replicas are the recorded control-plane replicas, by ID.
 	Replicas []Replica
+	// Leases are the units' leases, by unit.
+	Leases []Lease
 }
 
 // fsm is the raft state machine. Apply runs on one goroutine (raft's);
@@ -192,10 +214,15 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 		if err != nil {
 			return nil, "", err
 		}
-		// Registrations of units the new map no longer has are dropped.
+		// Registrations and leases of units the new map no longer has are
+		// dropped.
 		n := with(m)
 		n.Endpoints = slices.DeleteFunc(slices.Clone(cur.Endpoints), func(r Registration) bool {
 			_, ok := m.Unit(r.Unit)
+			return !ok
+		})
+		n.Leases = slices.DeleteFunc(slices.Clone(cur.Leases), func(l Lease) bool {
+			_, ok := m.Unit(l.Unit)
 			return !ok
 		})
 		return n, what, nil
@@ -229,6 +256,27 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 		slices.SortFunc(eps, func(a, b Registration) int { return strings.Compare(a.key(), b.key()) })
 		n := with(cur.Map)
 		n.Endpoints = eps
+		return n, "", nil
+	case OpGrant:
+		if cur.Map == nil || cmd.TTL <= 0 {
+			return nil, "", &RefusedError{Reason: "grant needs a topology and a positive ttl"}
+		}
+		leases := slices.Clone(cur.Leases)
+		for _, u := range cmd.Grants {
+			if _, ok := cur.Map.Unit(u); !ok {
+				continue
+			}
+			i := slices.IndexFunc(leases, func(l Lease) bool { return l.Unit == u })
+			if i < 0 {
+				leases = append(leases, Lease{Unit: u})
+				i = len(leases) - 1
+			}
+			leases[i].Seq++
+			leases[i].TTL, leases[i].GrantedAt = cmd.TTL, cmd.At
+		}
+		slices.SortFunc(leases, func(a, b Lease) int { return strings.Compare(a.Unit, b.Unit) })
+		n := with(cur.Map)
+		n.Leases = leases
 		return n, "", nil
 	case OpReplica:
 		r := cmd.Replica
@@ -349,12 +397,13 @@ type snapshotState struct {
 	Topology  *routing.Topology `json:"topology"`
 	Endpoints []Registration    `json:"endpoints"`
 	Replicas  []Replica         `json:"replicas"`
+	Leases    []Lease           `json:"leases"`
 	Actions   []Action          `json:"actions"`
 }
 
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	cur := f.cur.Load()
-	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Actions: f.actions()}
+	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Leases: cur.Leases, Actions: f.actions()}
 	if cur.Map != nil {
 		st.Topology = cur.Map.Topology()
 	}
@@ -367,7 +416,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if err := json.NewDecoder(rc).Decode(&st); err != nil {
 		return fmt.Errorf("decode snapshot: %w", err)
 	}
-	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas}
+	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas, Leases: st.Leases}
 	if st.Topology != nil {
 		var err error
 		if n.Map, err = routing.Compile(st.Topology); err != nil {

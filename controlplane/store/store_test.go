@@ -190,3 +190,57 @@ func TestThreeReplicas(t *testing.T) {
 		return true
 	})
 }
+
+// Leases: every grant raises the unit's seq and records the grant's time
+// and TTL; units the map lacks are skipped; the leases survive a snapshot
+// and a restart; a grant without a ttl is refused.
+func TestLeases(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{ID: "cp-1", Dir: dir, Bind: freeAddr(t), Bootstrap: true}
+	s := open(t, cfg)
+	waitFor(t, "leadership", s.IsLeader)
+	ctx := context.Background()
+	c := cmd(OpSetTopology)
+	c.Topology = topology(t)
+	if _, err := s.Apply(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	g := cmd(OpGrant)
+	g.Grants, g.TTL = []string{"us-east-1", "mars-1"}, 6*time.Second
+	for range 2 {
+		if _, err := s.Apply(ctx, g); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g.Grants = []string{"eu-west-1"}
+	if _, err := s.Apply(ctx, g); err != nil {
+		t.Fatal(err)
+	}
+	want := []Lease{{Unit: "eu-west-1", Seq: 1, TTL: 6 * time.Second, GrantedAt: g.At}, {Unit: "us-east-1", Seq: 2, TTL: 6 * time.Second, GrantedAt: g.At}}
+	check := func(st *State) {
+		t.Helper()
+		if len(st.Leases) != 2 || st.Leases[0] != want[0] || st.Leases[1] != want[1] {
+			t.Fatalf("leases %+v, want %+v", st.Leases, want)
+		}
+	}
+	check(s.State())
+	bad := cmd(OpGrant)
+	bad.Grants = []string{"us-east-1"}
+	var re *RefusedError
+	if _, err := s.Apply(ctx, bad); !errors.As(err, &re) {
+		t.Fatalf("grant without a ttl: %v", err)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Bind, cfg.Bootstrap = freeAddr(t), false
+	r := open(t, cfg)
+	waitFor(t, "the restored state", func() bool { return len(r.State().Leases) == 2 })
+	check(r.State())
+	if end := r.State().Leases[1].Ends(); !end.Equal(g.At.Add(6 * time.Second)) {
+		t.Fatalf("lease ends %v", end)
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/log"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	server "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+
+	"github.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
@@ -31,6 +33,8 @@ func (meshNode) ID(*core.Node) string { return "mesh" }
 type Server struct {
 	snaps      cache.SnapshotCache
 	maps       *cache.LinearCache
+	leases     *cache.LinearCache
+	leaseSeq   map[string]*cellmeshv1.Lease // the leases served, by unit
 	grpc       *grpc.Server
 	mu         sync.Mutex
 	version    uint64
@@ -47,19 +51,24 @@ type Server struct {
 // stream's response references them.
 func NewServer(cb server.Callbacks, opts ...grpc.ServerOption) *Server {
 	s := &Server{
-		snaps: cache.NewSnapshotCache(true, meshNode{}, log.NewDefaultLogger()),
-		maps:  cache.NewLinearCache(ShardMapType, cache.WithLogger(log.NewDefaultLogger())),
+		snaps:    cache.NewSnapshotCache(true, meshNode{}, log.NewDefaultLogger()),
+		maps:     cache.NewLinearCache(ShardMapType, cache.WithLogger(log.NewDefaultLogger())),
+		leases:   cache.NewLinearCache(LeaseType, cache.WithLogger(log.NewDefaultLogger())),
+		leaseSeq: map[string]*cellmeshv1.Lease{},
 	}
-	isMap := func(typeURL string) string {
-		if typeURL == ShardMapType {
+	classify := func(typeURL string) string {
+		switch typeURL {
+		case ShardMapType:
 			return "map"
+		case LeaseType:
+			return "lease"
 		}
 		return "envoy"
 	}
 	mux := &cache.MuxCache{
-		Classify:      func(r *cache.Request) string { return isMap(r.GetTypeUrl()) },
-		ClassifyDelta: func(r *cache.DeltaRequest) string { return isMap(r.GetTypeUrl()) },
-		Caches:        map[string]cache.Cache{"map": s.maps, "envoy": s.snaps},
+		Classify:      func(r *cache.Request) string { return classify(r.GetTypeUrl()) },
+		ClassifyDelta: func(r *cache.DeltaRequest) string { return classify(r.GetTypeUrl()) },
+		Caches:        map[string]cache.Cache{"map": s.maps, "lease": s.leases, "envoy": s.snaps},
 	}
 	s.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.ForceServerCodecV2(newResponseCodec())}, opts...)...)
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.grpc, server.NewServer(context.Background(), mux, cb))
@@ -88,6 +97,9 @@ func (s *Server) Publish(ctx context.Context, version uint64, res *Resources) er
 		}
 		s.served = snap
 	}
+	if err := s.publishLeases(res.Leases); err != nil {
+		return fmt.Errorf("publish version %d: %w", version, err)
+	}
 	if mv := res.ShardMap.GetVersion(); !s.mapSet || mv != s.mapVersion {
 		if err := s.maps.UpdateResource(ShardMapName, res.ShardMap); err != nil {
 			return fmt.Errorf("publish version %d: %w", version, err)
@@ -95,6 +107,54 @@ func (s *Server) Publish(ctx context.Context, version uint64, res *Resources) er
 		s.mapVersion, s.mapSet = mv, true
 	}
 	s.version = version
+	return nil
+}
+
+// PublishLeases serves leases (one per unit, named by it) as version:
+// a lease whose grant did not change is not sent again, a unit without a
+// lease any more has its resource removed. Only the leases changed, so
+// the rest stays as it is; version must still move forward.
+func (s *Server) PublishLeases(version uint64, leases []*cellmeshv1.Lease) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if version <= s.version {
+		return fmt.Errorf("publish leases at version %d: version %d is already published; versions only move forward", version, s.version)
+	}
+	if err := s.publishLeases(leases); err != nil {
+		return fmt.Errorf("publish leases at version %d: %w", version, err)
+	}
+	s.version = version
+	return nil
+}
+
+func (s *Server) publishLeases(leases []*cellmeshv1.Lease) error {
+	update := map[string]types.Resource{}
+	keep := map[string]bool{}
+	for _, l := range leases {
+		keep[l.GetName()] = true
+		if old, ok := s.leaseSeq[l.GetName()]; ok && proto.Equal(old, l) {
+			continue
+		}
+		update[l.GetName()] = l
+	}
+	var gone []string
+	for name := range s.leaseSeq {
+		if !keep[name] {
+			gone = append(gone, name)
+		}
+	}
+	if len(update) == 0 && len(gone) == 0 {
+		return nil
+	}
+	if err := s.leases.UpdateResources(update, gone); err != nil {
+		return err
+	}
+	for name, r := range update {
+		s.leaseSeq[name] = r.(*cellmeshv1.Lease)
+	}
+	for _, name := range gone {
+		delete(s.leaseSeq, name)
+	}
 	return nil
 }
 

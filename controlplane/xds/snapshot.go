@@ -53,6 +53,9 @@ type Resources struct {
 	Endpoints *cache.Snapshot
 	// ShardMap is the cellmesh.v1.ShardMap resource, named ShardMapName.
 	ShardMap *cellmeshv1.ShardMap
+	// Leases are the units' cellmesh.v1.Lease resources, each named by its
+	// unit (Build leaves them to the caller).
+	Leases []*cellmeshv1.Lease
 }
 
 // Build builds the resources of one version: the clusters and their

@@ -102,7 +102,7 @@ done
 registered() {
 	local s
 	s=$("$cellmesh" status) || return 1
-	[ "$(printf '%s\n' "$s" | grep -cE '^(us|eu)-(east|west)-[12] .* 1$')" -eq 4 ]
+	[ "$(printf '%s\n' "$s" | grep -cE '^(us|eu)-(east|west)-[12] .* 1 +[0-9.]+m?s$')" -eq 4 ]
 }
 wait_for "every sidecar to register" registered
 echo

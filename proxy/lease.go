@@ -1,0 +1,58 @@
+package proxy
+
+import (
+	"time"
+)
+
+// leaseSkewMargin is taken off every lease: the sidecar counts a lease
+// from the moment it received the grant, on its own monotonic clock, and
+// the margin covers the grant's time in flight and clock rates.
+const leaseSkewMargin = 500 * time.Millisecond
+
+// leaseGrant is the unit's lease as this sidecar received it.
+type leaseGrant struct {
+	seq      uint64
+	ttl      time.Duration
+	received time.Time // with its monotonic reading
+}
+
+// LeaseStatus is the unit's lease as /config shows it.
+type LeaseStatus struct {
+	Seq              uint64  `json:"seq"`
+	TTLSeconds       float64 `json:"ttl_seconds"`
+	RemainingSeconds float64 `json:"remaining_seconds"`
+}
+
+// grantLease records a grant received now. A grant whose seq is not newer
+// than the one held (a resend after a reconnect, a late duplicate) is
+// ignored: it must not extend the lease. It reports whether the grant was
+// taken.
+func (s *Sidecar) grantLease(seq uint64, ttl time.Duration) bool {
+	s.leaseMu.Lock()
+	defer s.leaseMu.Unlock()
+	if cur := s.lease.Load(); cur != nil && seq <= cur.seq {
+		return false
+	}
+	s.lease.Store(&leaseGrant{seq: seq, ttl: ttl, received: time.Now()})
+	return true
+}
+
+// LeaseRemaining is how long the unit's lease lasts from now, as this
+// sidecar counts it (its TTL from the grant's receipt, less the skew
+// margin); 0 when none was granted or it ended. The failover issue stops
+// writes for the unit's shards when it reaches 0.
+func (s *Sidecar) LeaseRemaining() time.Duration {
+	g := s.lease.Load()
+	if g == nil {
+		return 0
+	}
+	return max(0, g.ttl-leaseSkewMargin-time.Since(g.received))
+}
+
+func (s *Sidecar) leaseStatus() *LeaseStatus {
+	g := s.lease.Load()
+	if g == nil {
+		return nil
+	}
+	return &LeaseStatus{Seq: g.seq, TTLSeconds: g.ttl.Seconds(), RemainingSeconds: s.LeaseRemaining().Seconds()}
+}
