@@ -181,6 +181,25 @@ func TestThreeReplicasJoinRegisterForward(t *testing.T) {
 		t.Fatalf("move after the leader stopped: %+v", after)
 	}
 
+	// The stopped replica is removed from the configuration through the
+	// API (on a follower: forwarded).
+	if code, body := do(t, follower.Addrs().API, "DELETE", "/v1/replicas/"+old.cfg.ID, testToken, nil); code != 200 {
+		t.Fatalf("remove %s: %d %s", old.cfg.ID, code, body)
+	}
+	waitFor(t, "two voters", func() bool {
+		var m Members
+		getJSON(t, follower.Addrs().API, "/v1/members", &m)
+		if len(m.Replicas) != 2 {
+			return false
+		}
+		for _, rep := range m.Replicas {
+			if rep.ID == old.cfg.ID {
+				return false
+			}
+		}
+		return true
+	})
+
 	// The sidecar's stream ends: it is deregistered, unless its replica
 	// was the one stopped (then its record waits for the sidecar's next
 	// registration or that replica's restart).
