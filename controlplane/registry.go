@@ -151,10 +151,10 @@ func (g *registry) registration(id int64, pid meshtls.ID, n *core.Node) (*store.
 		return nil, fmt.Errorf("node metadata registers service %q in unit %q, region %q, but the certificate is %s: a sidecar registers only as itself",
 			reg.Service, reg.Unit, reg.Region, pid)
 	}
-	if m := g.r.store.Map(); m != nil {
-		if err := store.CheckRegistration(m, *reg); err != nil {
-			return nil, err
-		}
+	// Without a map yet the registration could not be committed (and
+	// would be lost): the stream ends and the sidecar comes back.
+	if err := store.CheckRegistration(g.r.store.Map(), *reg); err != nil {
+		return nil, err
 	}
 	return reg, nil
 }

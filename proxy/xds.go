@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -378,6 +379,10 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 		grpc.WithTransportCredentials(c.creds),
 		grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: c.s.cfg.Timeouts.Connect}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxXDSMessage)),
+		// A replica cut off without a reset (a partition) is noticed by
+		// pings within about 15 s, and the next replica is tried; the
+		// control plane allows pings every 5 s.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
 	)
 	if err != nil {
 		return false, fmt.Errorf("dial: %w", err)
