@@ -24,7 +24,7 @@ func TestAPIRefusesBadCallsAndMoves(t *testing.T) {
 	if s7.Unit == other {
 		other = "us-east-1"
 	}
-	before := r.Store().State().Index
+	before := r.Store().State()
 	big := `{"to":"` + strings.Repeat("x", maxBody) + `"}`
 	for _, c := range []struct {
 		method, path, token, body string
@@ -71,8 +71,8 @@ func TestAPIRefusesBadCallsAndMoves(t *testing.T) {
 			t.Errorf("%s %s %.40q: %d %q, want %d saying %q", c.method, c.path, c.body, code, e.Error, c.code, c.says)
 		}
 	}
-	if after := r.Store().State().Index; after != before {
-		t.Fatalf("refused calls changed the state: index %d -> %d", before, after)
+	if after := r.Store().State(); !sameState(before, after) {
+		t.Fatalf("refused calls changed the state: index %d -> %d", before.Index, after.Index)
 	}
 
 	code, body := do(t, api, "POST", "/v1/shards/7/move", testToken, []byte(`{"to":"`+other+`","epoch":1}`))
@@ -128,7 +128,7 @@ func TestAPIRefusesBadCallsAndMoves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	before = r.Store().State().Index
+	before = r.Store().State()
 	for _, c := range []struct {
 		body string
 		code int
@@ -143,8 +143,8 @@ func TestAPIRefusesBadCallsAndMoves(t *testing.T) {
 			t.Errorf("PUT /v1/topology %.30q: %d %s, want %d saying %q", c.body, code, body, c.code, c.says)
 		}
 	}
-	if after := r.Store().State().Index; after != before {
-		t.Fatalf("refused topologies changed the state: index %d -> %d", before, after)
+	if after := r.Store().State(); !sameState(before, after) {
+		t.Fatalf("refused topologies changed the state: index %d -> %d", before.Index, after.Index)
 	}
 	if code, body := do(t, api, "PUT", "/v1/topology", testToken, good); code != 200 || r.Store().Map().Version() != 3 {
 		t.Fatalf("PUT a successor: %d %s", code, body)
