@@ -153,7 +153,7 @@ func (r *Replica) serveRoute(rt route) http.Handler {
 			return
 		}
 		limit := int64(maxBody)
-		if rt.pattern == "/v1/topology" {
+		if rt.pattern == "/v1/topology" || rt.pattern == "/v1/internal/endpoints" {
 			limit = maxTopology
 		}
 		req.Body = http.MaxBytesReader(w, req.Body, limit)
@@ -224,7 +224,7 @@ func (r *Replica) forward(w http.ResponseWriter, req *http.Request, pattern stri
 	p.ServeHTTP(w, req)
 	if failed != nil {
 		r.finish(w, req, pattern, nil, errorf(http.StatusServiceUnavailable,
-			"this replica (%s) is a follower and the leader's API at %s did not answer: %v; retry, or send the write to another replica", r.cfg.ID, target, failed))
+			"this replica (%s) is a follower and the leader's API at %s did not answer: %v; if the leader took the write before it failed, it may be committed: read the state before retrying", r.cfg.ID, target, failed))
 		return
 	}
 	r.m.api.WithLabelValues(req.Method, pattern, "forwarded").Inc()
@@ -260,9 +260,9 @@ func (r *Replica) leaderWrite(ctx context.Context, cmd store.Command) (*routing.
 	case errors.As(err, &refused):
 		return nil, errorf(http.StatusConflict, "%s", refused.Reason)
 	case errors.As(err, &nl):
-		return nil, errorf(http.StatusServiceUnavailable, "%v", nl)
+		return nil, errorf(http.StatusServiceUnavailable, "%v (if this replica lost its leadership while committing, the change may still have been committed by the next leader: read the state before retrying)", nl)
 	}
-	return nil, errorf(http.StatusServiceUnavailable, "not committed (no quorum answered in time?): %v; nothing changed, retry", err)
+	return nil, errorf(http.StatusServiceUnavailable, "not confirmed as committed (no quorum answered in time?): %v; read the state before retrying", err)
 }
 
 func decodeBody(req *http.Request, v any) error {

@@ -89,6 +89,10 @@ func (g *registry) closed(id int64, _ *core.Node) {
 	}
 	g.r.m.connected.Dec()
 	if s.reg != nil {
+		// The deregistration follows the registration in the queue; a pair
+		// not committed yet is dropped whole (compact), so a late
+		// registration cannot replace the sidecar's newer one made through
+		// another replica.
 		g.queue(store.EndpointChange{Deregister: true, Registration: *s.reg})
 		g.r.log.Info("sidecar disconnected", "node", s.node, "service", s.reg.Service, "unit", s.reg.Unit, "address", s.reg.Address)
 	}
@@ -184,8 +188,12 @@ func (g *registry) run(ctx context.Context) {
 	backoff := 100 * time.Millisecond
 	for {
 		g.mu.Lock()
+		g.pending = compact(g.pending)
 		batch := g.pending
-		g.pending = nil
+		if len(batch) > maxBatch {
+			batch = batch[:maxBatch:maxBatch]
+		}
+		g.pending = g.pending[len(batch):]
 		g.mu.Unlock()
 		if len(batch) == 0 {
 			select {
@@ -213,6 +221,36 @@ func (g *registry) run(ctx context.Context) {
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
+}
+
+// maxBatch bounds the changes committed at once (one raft entry, one
+// request to the leader).
+const maxBatch = 100
+
+// compact drops each registration whose deregistration of the same
+// session follows it in the queue, with that deregistration: the stream
+// came and went before either was committed.
+func compact(q []store.EndpointChange) []store.EndpointChange {
+	drop := make([]bool, len(q))
+	for i, c := range q {
+		if !c.Deregister || c.Purge {
+			continue
+		}
+		for j := i - 1; j >= 0; j-- {
+			o := q[j]
+			if !drop[j] && !o.Deregister && !o.Purge && o.Session == c.Session && o.Address == c.Address && o.Transport == c.Transport {
+				drop[i], drop[j] = true, true
+				break
+			}
+		}
+	}
+	out := q[:0:0]
+	for i, c := range q {
+		if !drop[i] {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // typeName is the short name of a type URL for metrics and logs.

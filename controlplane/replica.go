@@ -379,6 +379,7 @@ func (r *Replica) leaderLoop(ctx context.Context) {
 			continue
 		}
 		st := r.store.State()
+		r.forgetRemoved(ctx, st)
 		if me := r.self(); !hasReplica(st.Replicas, me) {
 			if _, err := r.store.Apply(ctx, store.Command{Op: store.OpReplica, Replica: &me, Who: "replica " + r.cfg.ID, At: time.Now().UTC()}); err != nil {
 				r.log.Warn("could not record this replica's addresses", "error", err)
@@ -386,9 +387,12 @@ func (r *Replica) leaderLoop(ctx context.Context) {
 		}
 		if t := r.cfg.Topology; t != nil && (st.Map == nil || st.Map.Version() < t.Version) {
 			_, err := r.store.Apply(ctx, store.Command{Op: store.OpSetTopology, Topology: t, Who: "replica " + r.cfg.ID + " (--topology)", At: time.Now().UTC()})
-			if err != nil {
+			var refused *store.RefusedError
+			if errors.As(err, &refused) {
 				r.log.Error("the configured topology was refused; fix the file or drop --topology", "version", t.Version, "error", err)
 				r.cfg.Topology = nil
+			} else if err != nil {
+				r.log.Warn("the configured topology is not committed yet; retrying", "version", t.Version, "error", err)
 			} else {
 				r.log.Info("applied the configured topology", "version", t.Version)
 			}
@@ -417,6 +421,24 @@ func (r *Replica) grantLeases(ctx context.Context) {
 	defer cancel()
 	if _, err := r.store.Apply(gctx, store.Command{Op: store.OpGrant, Grants: units, TTL: r.cfg.LeaseTTL, Who: "leader " + r.cfg.ID, At: time.Now().UTC()}); err != nil {
 		r.log.Warn("lease renewal not committed", "units", len(units), "error", err)
+	}
+}
+
+// forgetRemoved drops the records of replicas no longer in the raft
+// configuration (a removed leader could not drop its own).
+func (r *Replica) forgetRemoved(ctx context.Context, st *store.State) {
+	conf, err := r.store.Configuration()
+	if err != nil {
+		return
+	}
+	for _, rep := range st.Replicas {
+		if slices.ContainsFunc(conf, func(s store.Server) bool { return s.ID == rep.ID }) {
+			continue
+		}
+		gone := store.Replica{ID: rep.ID}
+		if _, err := r.store.Apply(ctx, store.Command{Op: store.OpForgetReplica, Replica: &gone, Who: "leader " + r.cfg.ID, At: time.Now().UTC()}); err != nil {
+			r.log.Warn("could not drop the record of a removed replica", "replica", rep.ID, "error", err)
+		}
 	}
 }
 

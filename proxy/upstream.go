@@ -202,7 +202,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	watch := newIdleWatch(cfg.Timeouts.StreamIdle, func() { cancelAll(errStreamIdle) })
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody {
-		body = &retryBody{rc: req.Body, watch: watch}
+		body = &retryBody{rc: req.Body, watch: watch, attempt: 1}
 		req.Body = body
 	}
 	body.whenSent(overall.arm)
@@ -222,7 +222,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, &noEndpointError{rt.service, rt.unit}
 		}
 		resp, err := u.try(ctx, req, body, ep)
-		if err == nil && behind(resp) && !body.sending() && time.Since(holdStart) < mapBehindHold {
+		if err == nil && behind(resp) && time.Since(holdStart) < mapBehindHold && body.advance() {
 			// The receiving sidecar's map is behind ours (a move is being
 			// pushed): nothing reached its app, so hold the request and
 			// send it again once that map has had time to catch up.
@@ -265,7 +265,7 @@ func (u *upstream) RoundTrip(req *http.Request) (*http.Response, error) {
 		if c := context.Cause(ctx); c != nil && ctx.Err() != nil {
 			err = fmt.Errorf("%w: %w", c, err)
 		}
-		if de == nil || body.sending() || attempt >= cfg.Retries || ctx.Err() != nil {
+		if de == nil || attempt >= cfg.Retries || ctx.Err() != nil || !body.advance() {
 			overall.stop()
 			watch.stop()
 			cancelAll(nil)
@@ -295,6 +295,9 @@ func (u *upstream) try(parent context.Context, req *http.Request, body *retryBod
 	perTry := &lateTimer{d: u.s.cfg.Timeouts.PerTry, f: func() { cancel(errPerTryTimeout) }}
 	body.whenSent(perTry.arm)
 	out := req.WithContext(ctx)
+	if body != nil {
+		out.Body = body.forAttempt()
+	}
 	out.URL.Scheme = "https"
 	out.URL.Host = ep.Address
 	var resp *http.Response
@@ -327,13 +330,53 @@ type retryBody struct {
 	started atomic.Bool
 	once    sync.Once
 
-	mu    sync.Mutex
-	eof   bool
-	hooks []func()
+	mu      sync.Mutex
+	eof     bool
+	hooks   []func()
+	attempt int // the attempt that may read (advance moves it on)
+	owner   int // the attempt that read first, 0 before any read
 }
 
-func (b *retryBody) Read(p []byte) (int, error) {
-	b.started.Store(true)
+// errAbandonedAttempt is what an attempt given up on reads: a transport
+// may still read the body of an attempt it was told to drop (HTTP/3 and
+// HTTP/2 send bodies on their own goroutines), and must not take bytes
+// meant for the next attempt.
+var errAbandonedAttempt = errors.New("cellmesh: request body read by an abandoned attempt")
+
+// Read reads for the current attempt; an attempt abandoned (advance)
+// before it read anything gets errAbandonedAttempt.
+func (b *retryBody) Read(p []byte) (int, error) { return b.readAs(b.current(), p) }
+
+func (b *retryBody) current() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.attempt
+}
+
+// forAttempt is the body an attempt's transport reads.
+func (b *retryBody) forAttempt() io.ReadCloser {
+	return &attemptBody{b: b, id: b.current()}
+}
+
+type attemptBody struct {
+	b  *retryBody
+	id int
+}
+
+func (a *attemptBody) Read(p []byte) (int, error) { return a.b.readAs(a.id, p) }
+func (a *attemptBody) Close() error                { return nil }
+
+func (b *retryBody) readAs(id int, p []byte) (int, error) {
+	b.mu.Lock()
+	if b.owner == 0 && id == b.attempt {
+		b.owner = id
+		b.started.Store(true)
+	}
+	mine := b.owner == id
+	b.mu.Unlock()
+	if !mine {
+		return 0, errAbandonedAttempt
+	}
 	n, err := b.rc.Read(p)
 	b.watch.touch()
 	if err == io.EOF {
@@ -346,6 +389,22 @@ func (b *retryBody) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// advance gives the body to a next attempt if no attempt has read any of
+// it yet, and reports whether it did; from then on the attempts before
+// read nothing. A request without a body (nil) can always be sent again.
+func (b *retryBody) advance() bool {
+	if b == nil {
+		return true
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.owner != 0 {
+		return false
+	}
+	b.attempt++
+	return true
 }
 
 // whenSent runs f once the whole body has been read (now, if it has).
@@ -466,7 +525,7 @@ func (l localTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	watch := newIdleWatch(l.streamIdle, func() { cancel(errStreamIdle) })
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody {
-		body = &retryBody{rc: req.Body, watch: watch}
+		body = &retryBody{rc: req.Body, watch: watch, attempt: 1}
 		req.Body = body
 	}
 	body.whenSent(timer.arm)
