@@ -306,7 +306,8 @@ func (r *Replica) publishLoop(ctx context.Context) {
 			leases = append(leases, &cellmeshv1.Lease{Name: l.Unit, Unit: l.Unit, Seq: l.Seq, TtlMillis: uint64(l.TTL / time.Millisecond)})
 		}
 		var err error
-		if st.Map == last.Map && slices.Equal(st.Endpoints, last.Endpoints) {
+		leasesOnly := st.Map == last.Map && slices.Equal(st.Endpoints, last.Endpoints)
+		if leasesOnly {
 			// Only leases changed (a renewal every second): the map and
 			// the endpoints are not built again.
 			err = r.xds.PublishLeases(st.Index, leases)
@@ -329,6 +330,9 @@ func (r *Replica) publishLoop(ctx context.Context) {
 		}
 		last = st
 		r.m.pushDuration.Observe(time.Since(start).Seconds())
+		if leasesOnly {
+			continue // a renewal a second: not worth a log line
+		}
 		r.log.Debug("published", "index", st.Index, "map_version", st.Map.Version(), "endpoints", len(st.Endpoints), "leases", len(leases))
 	}
 }

@@ -205,8 +205,8 @@ func (cm *cpMesh) logs() string {
 	for _, r := range cm.replicas {
 		data, _ := os.ReadFile(r.log)
 		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-		if len(lines) > 15 {
-			lines = lines[len(lines)-15:]
+		if len(lines) > 40 {
+			lines = lines[len(lines)-40:]
 		}
 		fmt.Fprintf(&b, "--- %s\n%s\n", r.id, strings.Join(lines, "\n"))
 	}
