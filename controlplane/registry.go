@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -189,11 +190,9 @@ func (g *registry) run(ctx context.Context) {
 	for {
 		g.mu.Lock()
 		g.pending = compact(g.pending)
-		batch := g.pending
-		if len(batch) > maxBatch {
-			batch = batch[:maxBatch:maxBatch]
-		}
-		g.pending = g.pending[len(batch):]
+		n := min(len(g.pending), maxBatch)
+		batch := slices.Clone(g.pending[:n])
+		g.pending = slices.Delete(g.pending, 0, n)
 		g.mu.Unlock()
 		if len(batch) == 0 {
 			select {
