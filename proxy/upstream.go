@@ -364,7 +364,7 @@ type attemptBody struct {
 }
 
 func (a *attemptBody) Read(p []byte) (int, error) { return a.b.readAs(a.id, p) }
-func (a *attemptBody) Close() error                { return nil }
+func (a *attemptBody) Close() error               { return nil }
 
 func (b *retryBody) readAs(id int, p []byte) (int, error) {
 	b.mu.Lock()
