@@ -134,7 +134,8 @@ newleader() {
 	case $s in *"leader $leader,"* | *"leader NONE"*) return 1 ;; esac
 }
 wait_for "a new leader" newleader
-"$cellmesh" status | head -1
+s=$("$cellmesh" status)
+printf '%s\n' "${s%%$'\n'*}"
 echo "\$ cellmesh move 7 --to us-east-1"
 "$cellmesh" move 7 --to us-east-1
 wait_for "the move after the leader's loss to reach the traffic" at $uid us-east-1
