@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -64,25 +65,39 @@ func buildBinaries(t *testing.T) (cellmesh, echo string) {
 	return filepath.Join(dir, "cellmesh"), filepath.Join(dir, "echo")
 }
 
-func freeTCP(t *testing.T) string {
+// Ports for the processes are picked below the kernel's ephemeral range
+// (32768 and up on Linux): a port found free and closed again is then not
+// handed to another test's ":0" listener before the process binds it, as
+// it could be in the ephemeral range while packages test in parallel.
+const procPortLow, procPortHigh = 20000, 32000
+
+// freePort returns a port of 127.0.0.1 below the ephemeral range that is
+// free now for the network (tcp or udp).
+func freePort(t *testing.T, network string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 1000 {
+		addr := fmt.Sprintf("127.0.0.1:%d", procPortLow+rand.IntN(procPortHigh-procPortLow))
+		if network == "udp" {
+			pc, err := net.ListenPacket("udp", addr)
+			if err == nil {
+				pc.Close()
+				return addr
+			}
+			continue
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err == nil {
+			ln.Close()
+			return addr
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatalf("no free %s port in %d-%d", network, procPortLow, procPortHigh)
+	return ""
 }
 
-func freeUDP(t *testing.T) string {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().String()
-}
+func freeTCP(t *testing.T) string { t.Helper(); return freePort(t, "tcp") }
+
+func freeUDP(t *testing.T) string { t.Helper(); return freePort(t, "udp") }
 
 // startProcMesh starts the local example's topology as processes; h2Units
 // are reached over HTTP/2 on TLS.
