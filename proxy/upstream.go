@@ -325,16 +325,17 @@ func (u *upstream) try(parent context.Context, req *http.Request, body *retryBod
 // runs the whenSent hooks when the body has been read to its end. A nil
 // *retryBody is a request without a body: sent from the start.
 type retryBody struct {
-	rc      io.ReadCloser
-	watch   *idleWatch // nil: none
-	started atomic.Bool
-	once    sync.Once
+	rc    io.ReadCloser
+	watch *idleWatch // nil: none
+	once  sync.Once
 
 	mu      sync.Mutex
 	eof     bool
 	hooks   []func()
 	attempt int // the attempt that may read (advance moves it on)
-	owner   int // the attempt that read first, 0 before any read
+	// owner is the attempt that read first, 0 before any read: set under
+	// mu, read without it on every Read once set.
+	owner atomic.Int64
 }
 
 // errAbandonedAttempt is what an attempt given up on reads: a transport
@@ -367,15 +368,15 @@ func (a *attemptBody) Read(p []byte) (int, error) { return a.b.readAs(a.id, p) }
 func (a *attemptBody) Close() error               { return nil }
 
 func (b *retryBody) readAs(id int, p []byte) (int, error) {
-	b.mu.Lock()
-	if b.owner == 0 && id == b.attempt {
-		b.owner = id
-		b.started.Store(true)
-	}
-	mine := b.owner == id
-	b.mu.Unlock()
-	if !mine {
-		return 0, errAbandonedAttempt
+	if b.owner.Load() != int64(id) {
+		b.mu.Lock()
+		if b.owner.Load() == 0 && id == b.attempt {
+			b.owner.Store(int64(id))
+		}
+		b.mu.Unlock()
+		if b.owner.Load() != int64(id) {
+			return 0, errAbandonedAttempt
+		}
 	}
 	n, err := b.rc.Read(p)
 	b.watch.touch()
@@ -400,7 +401,7 @@ func (b *retryBody) advance() bool {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.owner != 0 {
+	if b.owner.Load() != 0 {
 		return false
 	}
 	b.attempt++
@@ -423,7 +424,7 @@ func (b *retryBody) whenSent(f func()) {
 	b.mu.Unlock()
 }
 
-func (b *retryBody) sending() bool { return b != nil && b.started.Load() }
+func (b *retryBody) sending() bool { return b != nil && b.owner.Load() != 0 }
 
 // Close is called by transports; the real body is closed by closeReal, or
 // by net/http when the handler returns.
