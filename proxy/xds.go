@@ -379,6 +379,7 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 		grpc.WithTransportCredentials(c.creds),
 		grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: c.s.cfg.Timeouts.Connect}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxXDSMessage)),
+		grpc.WithStaticStreamWindowSize(xdsapi.FlowWindow), grpc.WithStaticConnWindowSize(xdsapi.FlowWindow),
 		// A replica cut off without a reset (a partition) is noticed by
 		// pings within about 15 s, and the next replica is tried; the
 		// control plane allows pings every 5 s.

@@ -295,6 +295,7 @@ func client(ctx context.Context, o options, creds credentials.TransportCredentia
 	err := func() error {
 		codec := newLightCodec()
 		conn, err := grpc.NewClient(o.xds, grpc.WithTransportCredentials(creds),
+			grpc.WithStaticStreamWindowSize(xdsapi.FlowWindow), grpc.WithStaticConnWindowSize(xdsapi.FlowWindow), // as a sidecar
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(o.maxRecv<<20), grpc.ForceCodecV2(codec)))
 		if err != nil {
 			return err

@@ -16,6 +16,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	server "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 
+	"github.com/cellmesh/cellmesh/internal/xdsapi"
 	"github.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -70,7 +71,15 @@ func NewServer(cb server.Callbacks, opts ...grpc.ServerOption) *Server {
 		ClassifyDelta: func(r *cache.DeltaRequest) string { return classify(r.GetTypeUrl()) },
 		Caches:        map[string]cache.Cache{"map": s.maps, "lease": s.leases, "envoy": s.snaps},
 	}
-	s.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.ForceServerCodecV2(newResponseCodec())}, opts...)...)
+	s.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.ForceServerCodecV2(newResponseCodec()),
+		// Static flow-control windows: gRPC's dynamic windows send a BDP
+		// ping (and a window update) for each data frame received when no
+		// ping is out, so every ACK of every client cost the server two
+		// more writes. Clients send only requests; 1 MiB is never used up.
+		grpc.StaticStreamWindowSize(xdsapi.FlowWindow), grpc.StaticConnWindowSize(xdsapi.FlowWindow),
+		// A connection's write buffer goes back to a pool after each
+		// flush: an idle client (most of them, between pushes) holds none.
+		grpc.SharedWriteBuffer(true)}, opts...)...)
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.grpc, server.NewServer(context.Background(), mux, cb))
 	return s
 }

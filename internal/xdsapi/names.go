@@ -11,6 +11,14 @@ const (
 	ShardMapName = "cellmesh"
 )
 
+// FlowWindow is the HTTP/2 flow-control window, per stream and per
+// connection, that both ends of an xDS stream set statically. gRPC's
+// dynamic windows answer every data frame received, when no ping is out,
+// with a BDP ping and a window update: at each push, every client's
+// response and every ACK cost two more writes on each side. A static
+// window larger than the map needs no update during a push.
+const FlowWindow = 1 << 20
+
 // Node metadata keys a sidecar sets on its xDS node to register itself as
 // an endpoint: its service, unit and region, the address peers reach it
 // at and the transport ("quic" or "h2"). The control plane checks them
