@@ -2,7 +2,8 @@
 # Benchmark of the control plane's xDS push (issue 4, item 8): from a
 # shard move accepted by the operator API to the last of N ADS clients
 # holding (and ACKing) the new shard map, for N = 100, 1,000 and 5,000
-# clients and shard maps of 100 and 10,000 shards; and the control plane's
+# clients and shard maps of 100 and 10,000 shards (10,000 twice: owned in
+# ranges, and interleaved, the worst case); and the control plane's
 # CPU per push per client and memory per connected client.
 #
 # For each map size and N it starts a fresh single-replica control plane
@@ -29,7 +30,8 @@
 #                                            with net/http/pprof (bench/xdsload/replica)
 #                                            and save CPU (PROFILE_SECONDS, 10) and heap
 #                                            profiles of every run in bench/out/controlplane/
-# Knobs (environment): CLIENTS ("100 1000 5000"), SHARDS ("100 10000"),
+# Knobs (environment): CLIENTS ("100 1000 5000"), SHARDS ("100 10000 10000x":
+# a count, x for the interleaved layout; see topology below),
 # ROUNDS (30), INTERVAL (300ms), NICE (-19 when allowed), CP_ENV (extra
 # environment of the control plane, e.g. GOGC=200, for experiments), CP_BIN
 # (a cellmesh binary to measure instead of building one: A/B runs);
@@ -49,7 +51,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 CLIENTS=${CLIENTS:-"100 1000 5000"}
-SHARDS=${SHARDS:-"100 10000"}
+SHARDS=${SHARDS:-"100 10000 10000x"}
 ROUNDS=${ROUNDS:-30}
 INTERVAL=${INTERVAL:-300ms}
 NICE=${NICE:--19}
@@ -206,11 +208,16 @@ certs=$work/certs
 "$work/bin/bench-cp" certs issue --dir "$certs" --region us-east --unit us-east-1 --service xdsload >/dev/null
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/token"
 
-# topology FILE SHARDS: two regions of two units, a quarter of the shards
-# on each unit with its standby in the other region (as
-# examples/local/topology.yaml), shard i by uid mod SHARDS.
+# topology FILE SPEC: two regions of two units, a quarter of the shards on
+# each unit with its standby in the other region (as
+# examples/local/topology.yaml), shard i by uid mod SHARDS. SPEC is the
+# shard count, each unit owning one range (as operators write maps, and
+# as the map travels: in runs, a few hundred bytes at any size), or the
+# count followed by x: shard i on unit i mod 4, the worst case, where no
+# two neighbouring shards share an owner and the map travels shard by
+# shard.
 topology() {
-	local n=$2 q=$(($2 / 4))
+	local n=${2%x} q=$((${2%x} / 4))
 	cat >"$1" <<EOF
 version: 1
 shards: $n
@@ -225,14 +232,26 @@ units:
   - {name: eu-west-1, region: eu-west, kind: rzone, capacity_rps: 5000}
   - {name: eu-west-2, region: eu-west, kind: rzone, capacity_rps: 5000}
 assignments:
+EOF
+	if [ "$2" = "$n" ]; then
+		cat >>"$1" <<EOF
   - {shards: 0-$((q - 1)), primary: us-east-1, standbys: [eu-west-1]}
   - {shards: $q-$((2 * q - 1)), primary: us-east-2, standbys: [eu-west-2]}
   - {shards: $((2 * q))-$((3 * q - 1)), primary: eu-west-1, standbys: [us-east-1]}
   - {shards: $((3 * q))-$((n - 1)), primary: eu-west-2, standbys: [us-east-2]}
 EOF
+	else
+		awk -v n="$n" 'BEGIN {
+			split("us-east-1 us-east-2 eu-west-1 eu-west-2", p, " "); split("eu-west-1 eu-west-2 us-east-1 us-east-2", b, " ")
+			for (i = 0; i < n; i++) printf "  - {shards: %d, primary: %s, standbys: [%s]}\n", i, p[i % 4 + 1], b[i % 4 + 1]
+		}' >>"$1"
+	fi
 }
+# label SPEC: how a map is named in the summary.
+label() { case $1 in *x) echo "${1%x} interleaved" ;; *) echo "$1 in ranges" ;; esac; }
 for s in $SHARDS; do
-	[ "$s" -ge 4 ] && [ $((s % 4)) = 0 ] || die "SHARDS: $s is not a multiple of 4"
+	case $s in *[!0-9x]* | x* | *x?*) die "SHARDS: $s is not a shard count, with or without x" ;; esac
+	[ "${s%x}" -ge 4 ] && [ $((${s%x} % 4)) = 0 ] || die "SHARDS: ${s%x} is not a multiple of 4"
 	topology "$work/topology-$s.yaml" "$s"
 	"$work/bin/bench-cp" topology validate "$work/topology-$s.yaml" >/dev/null
 done
@@ -324,7 +343,7 @@ met() { awk -v c="$1" 'BEGIN { print (c ? "**met**" : "**not met**") }'; }
 	for s in $SHARDS; do
 		for n in $CLIENTS; do
 			f=$out/run-$s-$n.txt
-			echo "| $s | $(kv "$f" map_bytes) | $n | $(kv "$f" last_p50_ms) / $(kv "$f" last_p99_ms) / $(kv "$f" last_max_ms) |" \
+			echo "| $(label "$s") | $(kv "$f" map_bytes) | $n | $(kv "$f" last_p50_ms) / $(kv "$f" last_p99_ms) / $(kv "$f" last_max_ms) |" \
 				"$(kv "$f" sent_last_p50_ms) / $(kv "$f" sent_last_p99_ms) / $(kv "$f" sent_last_max_ms) |" \
 				"$(kv "$f" srvack_p50_ms) / $(kv "$f" srvack_p99_ms) / $(kv "$f" srvack_max_ms) |" \
 				"$(kv "$f" api_p50_ms) | $(kv "$f" client_p50_ms) | $(kv "$f" connect_s) | ${other[$s-$n]}% |"
@@ -339,7 +358,7 @@ met() { awk -v c="$1" 'BEGIN { print (c ? "**met**" : "**not met**") }'; }
 		for n in $CLIENTS; do
 			f=$out/run-$s-$n.txt
 			r=$(kv "$f" rounds)
-			echo "| $s | $n | $(kv "$f" cp_cpu_ms_per_move) | $(kv "$f" cp_idle_cpu_ms_per_move) | $(kv "$f" cp_cpu_us_per_push_client) |" \
+			echo "| $(label "$s") | $n | $(kv "$f" cp_cpu_ms_per_move) | $(kv "$f" cp_idle_cpu_ms_per_move) | $(kv "$f" cp_cpu_us_per_push_client) |" \
 				"$(kv "$f" cp_rss_before_mib) → $(kv "$f" cp_rss_mib) | $(kv "$f" cp_rss_kib_per_client) | $(kv "$f" cp_heap_kib_per_client) |" \
 				"$(kv "$f" cp_goroutines_per_client) | $(awk -v c="$(kv "$f" load_cpu_s)" -v r="$r" 'BEGIN { printf "%.1f", c * 1000 / r }') |"
 		done
@@ -356,7 +375,7 @@ met() { awk -v c="$1" 'BEGIN { print (c ? "**met**" : "**not met**") }'; }
 			*) continue ;;
 			esac
 			p=$(kv "$f" last_p99_ms)
-			echo "- $n clients, $s shards: ${p} ms against ${limit} ms: $(met "$(awk -v p="$p" -v l="$limit" 'BEGIN { print (p <= l) }')")" \
+			echo "- $n clients, $(label "$s") shards: ${p} ms against ${limit} ms: $(met "$(awk -v p="$p" -v l="$limit" 'BEGIN { print (p <= l) }')")" \
 				"(server counted the last ACK: $(kv "$f" srvack_p99_ms) ms)"
 		done
 	done

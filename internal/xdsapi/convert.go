@@ -3,6 +3,7 @@ package xdsapi
 import (
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1"
 	"github.com/cellmesh/cellmesh/routing"
@@ -43,12 +44,25 @@ func FromTopology(t *routing.Topology) *cellmeshv1.ShardMap {
 	for _, u := range t.Units {
 		m.Units = append(m.Units, &cellmeshv1.Unit{Name: u.Name, Region: u.Region, Kind: string(u.Kind), CapacityRps: u.CapacityRPS})
 	}
-	m.Assignments = make([]*cellmeshv1.Assignment, 0, len(t.Assignments))
+	var last *cellmeshv1.Assignment
 	for _, a := range t.Assignments {
-		m.Assignments = append(m.Assignments, &cellmeshv1.Assignment{Shard: int32(a.Shard), Primary: a.Primary,
-			Standbys: append([]string(nil), a.Standbys...), Epoch: a.Epoch, State: string(a.State)})
+		if last != nil && continues(last, a) {
+			last.Count = max(last.Count, 1) + 1
+			continue
+		}
+		last = &cellmeshv1.Assignment{Shard: int32(a.Shard), Primary: a.Primary,
+			Standbys: append([]string(nil), a.Standbys...), Epoch: a.Epoch, State: string(a.State)}
+		m.Assignments = append(m.Assignments, last)
 	}
 	return m
+}
+
+// continues reports whether a is the next shard of run, with the same
+// owners, epoch and state.
+func continues(run *cellmeshv1.Assignment, a routing.Assignment) bool {
+	return run.Shard >= 0 && a.Shard == int(run.Shard)+int(max(run.Count, 1)) &&
+		run.Primary == a.Primary && slices.Equal(run.Standbys, a.Standbys) &&
+		run.Epoch == a.Epoch && run.State == string(a.State)
 }
 
 // ToTopology returns the topology a ShardMap resource carries. It refuses
@@ -107,13 +121,28 @@ func ToTopology(m *cellmeshv1.ShardMap) (*routing.Topology, error) {
 		}
 		t.Units = append(t.Units, routing.Unit{Name: u.Name, Region: u.Region, Kind: routing.Kind(u.Kind), CapacityRPS: u.CapacityRps})
 	}
-	t.Assignments = make([]routing.Assignment, 0, len(m.Assignments))
+	// The runs expand to at most one assignment per shard and the gzone
+	// writer's, whatever the shard count says: a small resource cannot
+	// claim memory for more.
+	total := 0
 	for i, a := range m.Assignments {
 		if a == nil {
 			return nil, fmt.Errorf("shard map version %d: assignment %d is empty", m.Version, i)
 		}
-		t.Assignments = append(t.Assignments, routing.Assignment{Shard: int(a.Shard), Primary: a.Primary,
-			Standbys: append([]string(nil), a.Standbys...), Epoch: a.Epoch, State: routing.State(a.State)})
+		n := int(max(a.Count, 1))
+		if n > 1 && a.Shard < 0 {
+			return nil, fmt.Errorf("shard map version %d: assignment %d: shard %d cannot start a run of %d", m.Version, i, a.Shard, n)
+		}
+		if total += n; total > routing.MaxShards+1 {
+			return nil, fmt.Errorf("shard map version %d: the assignments cover more than %d shards", m.Version, routing.MaxShards)
+		}
+	}
+	t.Assignments = make([]routing.Assignment, 0, total)
+	for _, a := range m.Assignments {
+		for k := range int(max(a.Count, 1)) {
+			t.Assignments = append(t.Assignments, routing.Assignment{Shard: int(a.Shard) + k, Primary: a.Primary,
+				Standbys: append([]string(nil), a.Standbys...), Epoch: a.Epoch, State: routing.State(a.State)})
+		}
 	}
 	return t, nil
 }

@@ -42,7 +42,8 @@ type ShardMap struct {
 	Safety  *Safety      `protobuf:"bytes,6,opt,name=safety,proto3" json:"safety,omitempty"`
 	Regions []*Region    `protobuf:"bytes,7,rep,name=regions,proto3" json:"regions,omitempty"`
 	Units   []*Unit      `protobuf:"bytes,8,rep,name=units,proto3" json:"units,omitempty"`
-	// assignments: one per shard, and shard -1 for the global gzone writer.
+	// assignments: every shard, in runs (see Assignment), and shard -1 for
+	// the global gzone writer.
 	Assignments []*Assignment `protobuf:"bytes,9,rep,name=assignments,proto3" json:"assignments,omitempty"`
 	// name is the xDS resource name ("cellmesh": there is one map).
 	Name          string `protobuf:"bytes,10,opt,name=name,proto3" json:"name,omitempty"`
@@ -569,15 +570,23 @@ func (x *Unit) GetCapacityRps() float64 {
 	return 0
 }
 
+// Assignment is the owner of one shard, or of a run of consecutive shards
+// that have the same primary, standbys, epoch and state: a map whose units
+// own ranges of shards (as topology files write them) travels in a few
+// hundred bytes whatever its size, and a one-shard change adds at most two
+// runs.
 type Assignment struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// shard: 0..N-1, or -1 for the global gzone writer.
+	// shard: 0..N-1, or -1 for the global gzone writer; the first of the run.
 	Shard    int32    `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
 	Primary  string   `protobuf:"bytes,2,opt,name=primary,proto3" json:"primary,omitempty"`
 	Standbys []string `protobuf:"bytes,3,rep,name=standbys,proto3" json:"standbys,omitempty"`
 	Epoch    uint64   `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// state: "serving", "draining" or "blocked".
-	State         string `protobuf:"bytes,5,opt,name=state,proto3" json:"state,omitempty"`
+	State string `protobuf:"bytes,5,opt,name=state,proto3" json:"state,omitempty"`
+	// count: how many shards the run covers, shard..shard+count-1; 0 is the
+	// same as 1. The gzone writer (shard -1) is never part of a run.
+	Count         uint32 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -645,6 +654,13 @@ func (x *Assignment) GetState() string {
 		return x.State
 	}
 	return ""
+}
+
+func (x *Assignment) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
 }
 
 // Lease is a unit's right to accept writes for its shards, one resource per
@@ -766,14 +782,15 @@ const file_cellmesh_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
 	"\x04kind\x18\x03 \x01(\tR\x04kind\x12!\n" +
-	"\fcapacity_rps\x18\x04 \x01(\x01R\vcapacityRps\"\x84\x01\n" +
+	"\fcapacity_rps\x18\x04 \x01(\x01R\vcapacityRps\"\x9a\x01\n" +
 	"\n" +
 	"Assignment\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x05R\x05shard\x12\x18\n" +
 	"\aprimary\x18\x02 \x01(\tR\aprimary\x12\x1a\n" +
 	"\bstandbys\x18\x03 \x03(\tR\bstandbys\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x14\n" +
-	"\x05state\x18\x05 \x01(\tR\x05state\"`\n" +
+	"\x05state\x18\x05 \x01(\tR\x05state\x12\x14\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\"`\n" +
 	"\x05Lease\x12\x12\n" +
 	"\x04unit\x18\x01 \x01(\tR\x04unit\x12\x1d\n" +
 	"\n" +
