@@ -76,10 +76,7 @@ func NewServer(cb server.Callbacks, opts ...grpc.ServerOption) *Server {
 		// ping (and a window update) for each data frame received when no
 		// ping is out, so every ACK of every client cost the server two
 		// more writes. Clients send only requests; 1 MiB is never used up.
-		grpc.StaticStreamWindowSize(xdsapi.FlowWindow), grpc.StaticConnWindowSize(xdsapi.FlowWindow),
-		// A connection's write buffer goes back to a pool after each
-		// flush: an idle client (most of them, between pushes) holds none.
-		grpc.SharedWriteBuffer(true)}, opts...)...)
+		grpc.StaticStreamWindowSize(xdsapi.FlowWindow), grpc.StaticConnWindowSize(xdsapi.FlowWindow)}, opts...)...)
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.grpc, server.NewServer(context.Background(), mux, cb))
 	return s
 }
