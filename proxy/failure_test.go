@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellmesh/cellmesh/examples/echo"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -688,5 +689,43 @@ func TestDrainFinishesInFlight(t *testing.T) {
 	}
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("after shutdown: status %d, want 503: %s", resp.StatusCode, body)
+	}
+}
+
+// An app that closes a kept-alive connection with a request on it (it
+// restarted, or timed the connection out) does not fail a request that
+// came over the mesh with an empty body: the sidecar sends it again on a
+// new connection.
+func TestAppClosedKeptAliveConnection(t *testing.T) {
+	var mu sync.Mutex
+	served := map[string]int{} // requests answered per app connection
+	m := newMesh(t, meshOpts{app: func(id Identity) http.Handler {
+		e := echo.Handler(echo.Info{Service: id.Service, Unit: id.Unit, Region: id.Region}, nil)
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			n := served[r.RemoteAddr]
+			served[r.RemoteAddr]++
+			mu.Unlock()
+			if n == 1 { // the second request of a connection: close it unanswered
+				c, _, err := w.(http.Hijacker).Hijack()
+				if err == nil {
+					c.Close()
+				}
+				return
+			}
+			e.ServeHTTP(w, r)
+		})
+	}})
+	c := &http.Client{Timeout: 10 * time.Second}
+	for i := range 3 {
+		resp, body := do(t, c, m.newReq("GET", "us-east-1", uidEUWest1, "/", nil))
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d: %d %s, want 200 (sent again on a new connection)", i, resp.StatusCode, body)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(served) < 2 {
+		t.Fatalf("the app saw %d connections: no request met a closed one", len(served))
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -196,21 +197,43 @@ func passTrailers(pr *httputil.ProxyRequest) {
 			out.Trailer[k] = nil
 		}
 	}
-	out.Body = &trailerCopier{ReadCloser: out.Body, in: in, out: out.Trailer}
+	tc := &trailerCopier{ReadCloser: out.Body, in: in, out: out.Trailer}
+	out.Body = tc
+	// An app that closed a kept-alive connection (it restarted, or timed
+	// the connection out) fails the next request sent on it. net/http sends
+	// such a request again on another connection when it can replay it:
+	// here when the body was empty (a GET arriving over HTTP/3 or HTTP/2
+	// has a body of unknown length, most often empty) or never read.
+	out.GetBody = func() (io.ReadCloser, error) {
+		if tc.empty.Load() {
+			return http.NoBody, nil
+		}
+		return nil, errBodySent
+	}
 }
+
+// errBodySent stops the app transport from sending a request again on
+// another connection once part of its body is gone.
+var errBodySent = errors.New("the app closed a kept-alive connection before answering, and the request body, already sent in part, cannot be sent again")
 
 // trailerCopier copies the incoming request's trailers into the outgoing
 // request's when the body ends, before the transport writes them.
 type trailerCopier struct {
 	io.ReadCloser
-	in   *http.Request
-	out  http.Header
-	done bool
+	in    *http.Request
+	out   http.Header
+	done  bool
+	sent  bool        // a byte was read
+	empty atomic.Bool // the body ended before any byte
 }
 
 func (b *trailerCopier) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.sent = true
+	}
 	if err == io.EOF && !b.done {
+		b.empty.Store(!b.sent)
 		b.done = true
 		for k, v := range b.in.Trailer {
 			if len(v) > 0 && !strings.HasPrefix(k, "X-Cellmesh-") {
