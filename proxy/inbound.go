@@ -182,7 +182,8 @@ func (s *Sidecar) rewriteApp(pr *httputil.ProxyRequest) {
 }
 
 // passTrailers forwards the request's trailers: the keys declared up front,
-// the values once the body has been read. (quic-go's HTTP/3 server puts
+// the values once the body has been read. It also lets the app transport
+// send the request again when its body was empty (see GetBody below). (quic-go's HTTP/3 server puts
 // the received trailers in a new map after the body, so the incoming map
 // is read at the end of the body, not shared.)
 func passTrailers(pr *httputil.ProxyRequest) {
