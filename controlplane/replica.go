@@ -303,7 +303,7 @@ func (r *Replica) publishLoop(ctx context.Context) {
 		start := time.Now()
 		leases := make([]*cellmeshv1.Lease, 0, len(st.Leases))
 		for _, l := range st.Leases {
-			leases = append(leases, &cellmeshv1.Lease{Name: l.Unit, Unit: l.Unit, Seq: l.Seq, TtlMillis: uint64(l.TTL / time.Millisecond)})
+			leases = append(leases, &cellmeshv1.Lease{Name: l.Unit, Unit: l.Unit, Seq: l.Seq, TtlMillis: uint64(l.TTL / time.Millisecond), GrantedUnixMillis: uint64(l.GrantedAt.UnixMilli())})
 		}
 		var err error
 		leasesOnly := st.Map == last.Map && slices.Equal(st.Endpoints, last.Endpoints)

@@ -25,22 +25,32 @@ type LeaseStatus struct {
 
 // grantLease records a grant received now. A grant whose seq is not newer
 // than the one held (a resend after a reconnect, a late duplicate) is
-// ignored: it must not extend the lease. It reports whether the grant was
+// ignored: it must not extend the lease. The grant's age at receipt, from
+// granted (the leader's wall clock; zero: not said) to now on this
+// sidecar's wall clock, is taken off its ttl, so a grant delivered late
+// ends when the leader counts it ended. It reports whether the grant was
 // taken.
-func (s *Sidecar) grantLease(seq uint64, ttl time.Duration) bool {
+func (s *Sidecar) grantLease(seq uint64, ttl time.Duration, granted time.Time) bool {
 	s.leaseMu.Lock()
 	defer s.leaseMu.Unlock()
 	if cur := s.lease.Load(); cur != nil && seq <= cur.seq {
 		return false
 	}
-	s.lease.Store(&leaseGrant{seq: seq, ttl: ttl, received: time.Now()})
+	now := time.Now()
+	g := &leaseGrant{seq: seq, ttl: ttl, received: now}
+	if !granted.IsZero() {
+		if age := now.Sub(granted); age > 0 {
+			g.ttl = max(0, ttl-age)
+		}
+	}
+	s.lease.Store(g)
 	return true
 }
 
 // LeaseRemaining is how long the unit's lease lasts from now, as this
-// sidecar counts it (its TTL from the grant's receipt, less the skew
-// margin); 0 when none was granted or it ended. The failover issue stops
-// writes for the unit's shards when it reaches 0.
+// sidecar counts it (its TTL from the grant's receipt, less the grant's
+// age at receipt and the skew margin); 0 when none was granted or it
+// ended.
 func (s *Sidecar) LeaseRemaining() time.Duration {
 	g := s.lease.Load()
 	if g == nil {

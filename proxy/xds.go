@@ -680,7 +680,11 @@ func (c *xdsClient) applyLease(log *slog.Logger, r *discovery.DiscoveryResponse)
 		return fmt.Errorf("lease ttl %d ms: want 1 ms to 1 hour", l.GetTtlMillis())
 	}
 	ttl := time.Duration(l.GetTtlMillis()) * time.Millisecond
-	if c.s.grantLease(l.GetSeq(), ttl) {
+	var granted time.Time
+	if ms := l.GetGrantedUnixMillis(); ms > 0 {
+		granted = time.UnixMilli(int64(ms))
+	}
+	if c.s.grantLease(l.GetSeq(), ttl, granted) {
 		log.Debug("xds lease granted", "seq", l.GetSeq(), "ttl_seconds", ttl.Seconds())
 	}
 	return nil

@@ -979,4 +979,22 @@ func TestXDSLease(t *testing.T) {
 	if !found {
 		t.Fatal("cellmesh_lease_remaining_seconds is not the lease's remaining time")
 	}
+	// A grant delivered late (granted 20s ago) lasts only what is left of
+	// it; one older than its ttl gives no lease at all.
+	late := func(seq uint64, age time.Duration) {
+		t.Helper()
+		l := &cellmeshv1.Lease{Name: "us-east-1", Unit: "us-east-1", Seq: seq, TtlMillis: 30000, GrantedUnixMillis: uint64(time.Now().Add(-age).UnixMilli())}
+		if err := cp.leases.UpdateResource("us-east-1", l); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, xdsWait, func() bool { return x.sc.lease.Load().seq == seq }, "the late grant")
+	}
+	late(4, 20*time.Second)
+	if r := x.sc.LeaseRemaining(); r <= 0 || r > 10*time.Second-leaseSkewMargin {
+		t.Fatalf("a grant 20s old with a 30s ttl leaves %s, want at most 10s less the margin", r)
+	}
+	late(5, 40*time.Second)
+	if r := x.sc.LeaseRemaining(); r != 0 {
+		t.Fatalf("a grant older than its ttl leaves %s, want none", r)
+	}
 }

@@ -35,6 +35,11 @@ const (
 	OpReplica = "replica"
 	// OpForgetReplica drops the record of replica Replica.ID.
 	OpForgetReplica = "forget-replica"
+	// OpHealth marks down the endpoints whose keys (transport://address)
+	// are in Down, and every other endpoint up: the leader's gossip view
+	// of which registered sidecars are dead. A down endpoint stays
+	// registered but is not served over EDS and gives its unit no lease.
+	OpHealth = "health"
 	// OpGrant grants the units of Grants a lease of TTL from At (the
 	// leader's clock): each one's Seq rises. Units the map lacks are
 	// skipped.
@@ -67,6 +72,8 @@ type Registration struct {
 	Via       string    `json:"via"`
 	Session   string    `json:"session"`
 	Since     time.Time `json:"since"`
+	// Down: gossip finds the sidecar dead (OpHealth).
+	Down bool `json:"down,omitempty"`
 }
 
 // EndpointChange registers or deregisters an endpoint.
@@ -79,7 +86,8 @@ type EndpointChange struct {
 	Registration `json:"registration"`
 }
 
-func (r Registration) key() string { return r.Transport + "://" + r.Address }
+// Key names an endpoint in OpHealth: transport://address.
+func (r Registration) Key() string { return r.Transport + "://" + r.Address }
 
 // Replica is where a control-plane replica serves: its raft, API and xDS
 // addresses.
@@ -101,6 +109,7 @@ type Command struct {
 	Endpoints []EndpointChange  `json:"endpoints,omitempty"`
 	Replica   *Replica          `json:"replica,omitempty"`
 	Grants    []string          `json:"grants,omitempty"`
+	Down      []string          `json:"down,omitempty"`
 	TTL       time.Duration     `json:"ttl,omitempty"`
 	Who       string            `json:"who"`
 	At        time.Time         `json:"at"`
@@ -231,7 +240,7 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 		changed := false
 		for _, c := range cmd.Endpoints {
 			r := c.Registration
-			i := slices.IndexFunc(eps, func(o Registration) bool { return o.key() == r.key() })
+			i := slices.IndexFunc(eps, func(o Registration) bool { return o.Key() == r.Key() })
 			switch {
 			case c.Purge:
 				n := len(eps)
@@ -253,7 +262,22 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 		if !changed {
 			return nil, "", nil
 		}
-		slices.SortFunc(eps, func(a, b Registration) int { return strings.Compare(a.key(), b.key()) })
+		slices.SortFunc(eps, func(a, b Registration) int { return strings.Compare(a.Key(), b.Key()) })
+		n := with(cur.Map)
+		n.Endpoints = eps
+		return n, "", nil
+	case OpHealth:
+		eps := slices.Clone(cur.Endpoints)
+		changed := false
+		for i := range eps {
+			down := slices.Contains(cmd.Down, eps[i].Key())
+			if eps[i].Down != down {
+				eps[i].Down, changed = down, true
+			}
+		}
+		if !changed {
+			return nil, "", nil
+		}
 		n := with(cur.Map)
 		n.Endpoints = eps
 		return n, "", nil

@@ -244,3 +244,69 @@ func TestLeases(t *testing.T) {
 		t.Fatalf("lease ends %v", end)
 	}
 }
+
+// OpHealth marks endpoints down and up by key; the same health again
+// changes nothing, and a snapshot keeps it.
+func TestEndpointHealth(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{ID: "cp-1", Dir: dir, Bind: freeAddr(t), Bootstrap: true}
+	s := open(t, cfg)
+	waitFor(t, "leadership", s.IsLeader)
+	ctx := context.Background()
+	c := cmd(OpSetTopology)
+	c.Topology = topology(t)
+	if _, err := s.Apply(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	reg := func(unit, addr string) EndpointChange {
+		return EndpointChange{Registration: Registration{Service: "echo", Unit: unit, Address: addr, Transport: "quic", Via: "cp-1", Session: "s-" + addr}}
+	}
+	e := cmd(OpEndpoints)
+	e.Endpoints = []EndpointChange{reg("us-east-1", "127.0.0.1:1001"), reg("eu-west-1", "127.0.0.1:1002")}
+	if _, err := s.Apply(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	downs := func(st *State) []string {
+		var d []string
+		for _, r := range st.Endpoints {
+			if r.Down {
+				d = append(d, r.Key())
+			}
+		}
+		return d
+	}
+	h := cmd(OpHealth)
+	h.Down = []string{"quic://127.0.0.1:1002", "quic://127.0.0.1:9999"}
+	if _, err := s.Apply(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	st := s.State()
+	if d := downs(st); len(d) != 1 || d[0] != "quic://127.0.0.1:1002" {
+		t.Fatalf("down endpoints %v", d)
+	}
+	if _, err := s.Apply(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if s.State().Index != st.Index {
+		t.Fatalf("the same health again changed the state: index %d -> %d", st.Index, s.State().Index)
+	}
+	if err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Bind, cfg.Bootstrap = freeAddr(t), false
+	r := open(t, cfg)
+	waitFor(t, "the restored state", func() bool { return len(r.State().Endpoints) == 2 })
+	if d := downs(r.State()); len(d) != 1 {
+		t.Fatalf("after a restart, down endpoints %v", d)
+	}
+	waitFor(t, "leadership", r.IsLeader)
+	if _, err := r.Apply(ctx, cmd(OpHealth)); err != nil {
+		t.Fatal(err)
+	}
+	if d := downs(r.State()); len(d) != 0 {
+		t.Fatalf("health with none down left %v down", d)
+	}
+}

@@ -665,7 +665,8 @@ func (x *Assignment) GetCount() uint32 {
 
 // Lease is a unit's right to accept writes for its shards, one resource per
 // unit, renewed far more often than the map changes. A sidecar counts ttl
-// on its own monotonic clock from when it received the grant.
+// on its own monotonic clock from when it received the grant, and no
+// further than granted_unix_millis + ttl on its wall clock.
 type Lease struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Unit  string                 `protobuf:"bytes,1,opt,name=unit,proto3" json:"unit,omitempty"`
@@ -674,9 +675,15 @@ type Lease struct {
 	// seq rises with every grant, so a late duplicate is ignored.
 	Seq uint64 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
 	// name is the xDS resource name: the unit's.
-	Name          string `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Name string `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
+	// granted_unix_millis is when the leader granted it, on the leader's
+	// wall clock (0: not said). A grant delivered late (by a replica that
+	// applied it late, or a slow network) cannot outlast the leader's
+	// count: the sidecar takes off the grant's age at receipt. Clocks must
+	// agree within the sidecar's skew margin.
+	GrantedUnixMillis uint64 `protobuf:"varint,5,opt,name=granted_unix_millis,json=grantedUnixMillis,proto3" json:"granted_unix_millis,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Lease) Reset() {
@@ -737,6 +744,13 @@ func (x *Lease) GetName() string {
 	return ""
 }
 
+func (x *Lease) GetGrantedUnixMillis() uint64 {
+	if x != nil {
+		return x.GrantedUnixMillis
+	}
+	return 0
+}
+
 var File_cellmesh_proto protoreflect.FileDescriptor
 
 const file_cellmesh_proto_rawDesc = "" +
@@ -790,13 +804,14 @@ const file_cellmesh_proto_rawDesc = "" +
 	"\bstandbys\x18\x03 \x03(\tR\bstandbys\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x14\n" +
 	"\x05state\x18\x05 \x01(\tR\x05state\x12\x14\n" +
-	"\x05count\x18\x06 \x01(\rR\x05count\"`\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\"\x90\x01\n" +
 	"\x05Lease\x12\x12\n" +
 	"\x04unit\x18\x01 \x01(\tR\x04unit\x12\x1d\n" +
 	"\n" +
 	"ttl_millis\x18\x02 \x01(\x04R\tttlMillis\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12\x12\n" +
-	"\x04name\x18\x04 \x01(\tR\x04nameBDZBgithub.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1;cellmeshv1b\x06proto3"
+	"\x04name\x18\x04 \x01(\tR\x04name\x12.\n" +
+	"\x13granted_unix_millis\x18\x05 \x01(\x04R\x11grantedUnixMillisBDZBgithub.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1;cellmeshv1b\x06proto3"
 
 var (
 	file_cellmesh_proto_rawDescOnce sync.Once
