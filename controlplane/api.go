@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/cellmesh/cellmesh/controlplane/store"
+	"github.com/cellmesh/cellmesh/failover"
 	"github.com/cellmesh/cellmesh/internal/meshtls"
 	"github.com/cellmesh/cellmesh/internal/xdsapi"
 	"github.com/cellmesh/cellmesh/routing"
@@ -92,6 +93,7 @@ func (r *Replica) routes() []route {
 		{pattern: "/v1/shards/{id}/move", methods: map[string]handler{"POST": r.postMove}, write: true},
 		{pattern: "/v1/members", methods: map[string]handler{"GET": r.getMembers}},
 		{pattern: "/v1/actions", methods: map[string]handler{"GET": r.getActions}},
+		{pattern: "/v1/events", methods: map[string]handler{"GET": r.getEvents}},
 		{pattern: "/v1/replicas", methods: map[string]handler{"POST": r.postReplica}, write: true},
 		{pattern: "/v1/replicas/{id}", methods: map[string]handler{"DELETE": r.deleteReplica}, write: true},
 		{pattern: "/v1/internal/endpoints", methods: map[string]handler{"POST": r.postEndpoints}, write: true},
@@ -540,6 +542,19 @@ type Members struct {
 	Replicas  []Member             `json:"replicas"`
 	Endpoints []store.Registration `json:"endpoints"`
 	Leases    []LeaseView          `json:"leases"`
+	// Gossip is this replica's view of the gossip pool.
+	Gossip GossipView `json:"gossip"`
+}
+
+// GossipView is the health of every member, unit and region as one
+// replica's gossip sees it (the leader's is the one failover acts on).
+type GossipView struct {
+	SeenBy  string                  `json:"seen_by"`
+	Enabled bool                    `json:"enabled"`
+	Address string                  `json:"address,omitempty"`
+	Members []failover.MemberHealth `json:"members"`
+	Units   []failover.UnitHealth   `json:"units"`
+	Regions []failover.RegionHealth `json:"regions"`
 }
 
 // LeaseView is a unit's lease as the API shows it: the last grant and
@@ -563,6 +578,11 @@ func (r *Replica) getMembers(*http.Request) (any, error) {
 	for _, l := range st.Leases {
 		out.Leases = append(out.Leases, LeaseView{Unit: l.Unit, Seq: l.Seq, TTLSeconds: l.TTL.Seconds(), GrantedAt: l.GrantedAt, EndsAt: l.Ends()})
 	}
+	v := r.health.View()
+	out.Gossip = GossipView{SeenBy: r.cfg.ID, Enabled: r.gossip != nil, Members: nonNil(v.Members), Units: nonNil(v.Units), Regions: nonNil(v.Regions)}
+	if r.gossip != nil {
+		out.Gossip.Address = r.gossip.Addr()
+	}
 	for _, s := range conf {
 		mb := Member{ID: s.ID, Raft: s.Address, Voter: s.Voter, Leader: s.ID == leader}
 		for _, rep := range st.Replicas {
@@ -573,6 +593,27 @@ func (r *Replica) getMembers(*http.Request) (any, error) {
 		out.Replicas = append(out.Replicas, mb)
 	}
 	return out, nil
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}
+
+// getEvents answers the health event log of this replica's gossip view,
+// after the sequence number ?after= (default 0: every event kept).
+func (r *Replica) getEvents(req *http.Request) (any, error) {
+	var after uint64
+	if a := req.URL.Query().Get("after"); a != "" {
+		n, err := strconv.ParseUint(a, 10, 64)
+		if err != nil {
+			return nil, errorf(http.StatusBadRequest, "after=%q: want a sequence number", a)
+		}
+		after = n
+	}
+	return map[string]any{"seen_by": r.cfg.ID, "events": nonNil(r.health.Events(after))}, nil
 }
 
 func (r *Replica) getActions(*http.Request) (any, error) {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/cellmesh/cellmesh/controlplane/store"
 	"github.com/cellmesh/cellmesh/controlplane/xds"
+	"github.com/cellmesh/cellmesh/failover"
 	"github.com/cellmesh/cellmesh/internal/meshtls"
 	"github.com/cellmesh/cellmesh/internal/xdsapi/cellmeshv1"
 	"github.com/cellmesh/cellmesh/routing"
@@ -60,6 +61,12 @@ type Config struct {
 	// LeaseTTL is the lease the leader grants every unit with a connected
 	// sidecar, renewed every LeaseTTL/4 (default 4s).
 	LeaseTTL time.Duration
+	// Gossip joins the replica to the gossip pool (Meta, Name, Observer
+	// and Logger are the replica's own); nil: no gossip, units' health is
+	// unknown and leases follow xDS registrations alone.
+	Gossip *failover.Config
+	// Health tunes how gossip adds up to unit and region health.
+	Health failover.HealthConfig
 	// Fast shortens raft's timeouts (tests on one machine).
 	Fast bool
 	// Logger and Registry default to discarding and a new registry.
@@ -76,7 +83,11 @@ type Replica struct {
 	xds   *xds.Server
 	m     *metrics
 	reg   *registry
-	boot  string // this process's prefix of xDS session names
+	// health is the gossip view of members, units and regions; gossip is
+	// this replica's member (nil without Config.Gossip).
+	health *failover.Health
+	gossip *failover.Membership
+	boot   string // this process's prefix of xDS session names
 
 	apiLn, xdsLn net.Listener
 	api          *http.Server
@@ -165,6 +176,8 @@ func Open(cfg Config) (*Replica, error) {
 	}
 	r.store = st
 	r.m = newMetrics(cfg.Registry, r)
+	r.health = failover.NewHealth(cfg.Health)
+	cfg.Registry.MustRegister(r.health.Collector())
 	r.reg = newRegistry(r)
 	creds := credentials.NewTLS(cfg.TLS.ServerConfig(nil, func(remote string, err error) {
 		r.log.Warn("refused an xDS client's certificate", "remote", remote, "error", err)
@@ -182,6 +195,12 @@ func Open(cfg Config) (*Replica, error) {
 		r.apiLn.Close()
 		st.Close()
 		return nil, fmt.Errorf("xds listener on %s: %w", cfg.XDS, err)
+	}
+	if err := r.startGossip(); err != nil {
+		r.xdsLn.Close()
+		r.apiLn.Close()
+		st.Close()
+		return nil, err
 	}
 	r.api = &http.Server{Handler: r.apiHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(r.log.Handler(), slog.LevelWarn)}
@@ -235,6 +254,17 @@ func (r *Replica) Run(ctx context.Context) error {
 	go func() { defer r.wg.Done(); r.publishLoop(ctx) }()
 	go func() { defer r.wg.Done(); r.leaderLoop(ctx) }()
 	go func() { defer r.wg.Done(); r.reg.run(ctx) }()
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); r.healthLoop(ctx) }()
+	if r.gossip != nil {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			if err := r.gossip.Run(ctx); err != nil {
+				r.log.Warn("gossip stopped", "error", err)
+			}
+		}()
+	}
 	if len(r.cfg.Join) > 0 {
 		r.wg.Add(1)
 		go func() { defer r.wg.Done(); r.join(ctx) }()
@@ -274,6 +304,9 @@ func (r *Replica) Close() error {
 	}
 	r.apiLn.Close()
 	r.xdsLn.Close()
+	if r.gossip != nil {
+		r.gossip.Close()
+	}
 	return r.store.Close()
 }
 
@@ -314,7 +347,7 @@ func (r *Replica) publishLoop(ctx context.Context) {
 		} else {
 			eps := make([]xds.Endpoint, 0, len(st.Endpoints))
 			for _, e := range st.Endpoints {
-				eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport})
+				eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport, Down: e.Down})
 			}
 			var res *xds.Resources
 			res, err = xds.Build(strconv.FormatUint(st.Index, 10), st.Map, eps)
@@ -404,16 +437,18 @@ func (r *Replica) leaderLoop(ctx context.Context) {
 	}
 }
 
-// grantLeases renews the lease of every unit with a registered sidecar. A
-// unit whose sidecars are all gone gets no renewal: its lease ends.
+// grantLeases renews the lease of every unit with a registered sidecar
+// that gossip does not find down. A unit whose sidecars are all gone, or
+// that gossip finds suspect or down, gets no renewal: its lease ends.
 func (r *Replica) grantLeases(ctx context.Context) {
 	st := r.store.State()
 	if st.Map == nil {
 		return
 	}
+	v := r.health.View()
 	var units []string
 	for _, e := range st.Endpoints {
-		if !slices.Contains(units, e.Unit) {
+		if !e.Down && !slices.Contains(units, e.Unit) && unitLive(&v, e.Unit) {
 			units = append(units, e.Unit)
 		}
 	}

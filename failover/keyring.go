@@ -1,11 +1,14 @@
 package failover
 
 import (
+	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"fmt"
 	"os"
 	"strings"
+	"time"
 )
 
 // ParseKeys reads a gossip keyring file: one base64 key per line (16, 24
@@ -51,4 +54,43 @@ func NewKey() string {
 	var k [32]byte
 	_, _ = rand.Read(k[:])
 	return base64.StdEncoding.EncodeToString(k[:])
+}
+
+// WatchKeyFile replaces the keyring with the file's keys whenever the
+// file changes: checked every interval (0: only on kick) and at once when
+// kick receives, until ctx ends. A file that does not load is logged and
+// changes nothing. See SetKeys for the order of a rotation.
+func (ms *Membership) WatchKeyFile(ctx context.Context, path string, interval time.Duration, kick <-chan struct{}) {
+	var tick <-chan time.Time
+	if interval > 0 {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	last, _ := os.ReadFile(path)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick:
+		case <-kick:
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			ms.log.Warn("gossip keyring not read; keeping the keys held", "path", path, "error", err)
+			continue
+		}
+		if bytes.Equal(b, last) {
+			continue
+		}
+		keys, err := ParseKeys(string(b))
+		if err == nil {
+			err = ms.SetKeys(keys)
+		}
+		if err != nil {
+			ms.log.Error("gossip keyring refused; keeping the keys held: fix the file", "path", path, "error", err)
+			continue
+		}
+		last = b
+	}
 }

@@ -157,7 +157,7 @@ func Start(cfg Config) (*Membership, error) {
 	if advIP != "" {
 		mc.AdvertiseAddr, mc.AdvertisePort = advIP, advPort
 	}
-	ms.dlg = &delegate{meta: meta}
+	ms.dlg = &delegate{ms: ms, meta: meta}
 	mc.Delegate = ms.dlg
 	mc.Events = &events{ms: ms}
 	mc.Logger = log.New(&logWriter{log: ms.log}, "", 0)
@@ -299,12 +299,28 @@ func (ms *Membership) Close() error {
 	ms.closed = true
 	meta := ms.meta
 	ms.mu.Unlock()
-	// Say "leaving" first: the others then count the loss as a leave.
+	// Say "leaving" first, so the others count the loss as a leave: to
+	// the control-plane replicas (whose view failover acts on) in a
+	// reliable message each, which lands before the leave can; to the
+	// rest in the metadata, which gossip may deliver after the leave (they
+	// may then see a death).
 	meta.Leaving = true
 	if b, err := meta.encode(); err == nil {
 		ms.dlg.set(b)
 		if err := ms.ml.UpdateNode(time.Second); err != nil {
 			ms.log.Warn("could not tell the pool this member is leaving; it may be seen dead", "error", err)
+		}
+	}
+	msg := append([]byte{msgLeaving}, ms.cfg.Name...)
+	for _, n := range ms.ml.Members() {
+		if n.Name == ms.cfg.Name {
+			continue
+		}
+		if m, err := decodeMeta(n.Meta); err != nil || m.Role != RoleControlPlane {
+			continue
+		}
+		if err := ms.ml.SendReliable(n, msg); err != nil {
+			ms.log.Warn("could not tell a control-plane replica this member is leaving; it may see a death", "replica", n.Name, "error", err)
 		}
 	}
 	if err := ms.ml.Leave(time.Second); err != nil {
@@ -330,9 +346,10 @@ func member(n *memberlist.Node, st MemberState, now time.Time) (Member, bool) {
 	return Member{Name: n.Name, Meta: meta, State: st, Gossip: net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))), Since: now}, true
 }
 
-// delegate gives memberlist the member's metadata; cellmesh sends no
-// user messages over gossip.
+// delegate gives memberlist the member's metadata and takes the one user
+// message cellmesh sends: "leaving".
 type delegate struct {
+	ms   *Membership
 	mu   sync.Mutex
 	meta []byte
 }
@@ -348,7 +365,20 @@ func (d *delegate) NodeMeta(int) []byte {
 	defer d.mu.Unlock()
 	return d.meta
 }
-func (d *delegate) NotifyMsg([]byte)                {}
+
+// NotifyMsg takes a member's word that it is leaving.
+func (d *delegate) NotifyMsg(b []byte) {
+	if len(b) > 1 && b[0] == msgLeaving && d.ms != nil {
+		d.ms.mu.Lock()
+		d.ms.leaving[string(b[1:])] = true
+		d.ms.mu.Unlock()
+	}
+}
+
+// msgLeaving starts the user message "I am leaving", followed by the
+// member's name.
+const msgLeaving = 'L'
+
 func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
 func (d *delegate) LocalState(bool) []byte          { return nil }
 func (d *delegate) MergeRemoteState([]byte, bool)   {}

@@ -107,7 +107,7 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 				answer(sw, http.StatusBadRequest, "unfenced", fmt.Sprintf("x-cellmesh-shard is missing: a request for %s data (shard %s) must carry its shard and epoch", d.Zone, want))
 				return
 			case want:
-				if !s.fence(sw, r, m, rt, d.Shard) {
+				if !s.fence(sw, r, m, rt, d.Shard) || s.refuseWithoutLease(sw, d.Write, routing.ShardName(d.Shard)) {
 					return
 				}
 			default:

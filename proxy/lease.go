@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"fmt"
+	"net/http"
 	"time"
 )
 
@@ -65,4 +67,20 @@ func (s *Sidecar) leaseStatus() *LeaseStatus {
 		return nil
 	}
 	return &LeaseStatus{Seq: g.seq, TTLSeconds: g.ttl.Seconds(), RemainingSeconds: s.LeaseRemaining().Seconds()}
+}
+
+// refuseWithoutLease answers 503 no-lease to a write for one of this
+// unit's shards while the unit holds no lease (I3): a unit cut off from
+// the control plane stops taking writes before the control plane may
+// promote a standby, which it does only after the lease ended on its
+// clock. It applies to a sidecar that follows a control plane (xDS); with
+// files there is no lease. It reports whether it answered.
+func (s *Sidecar) refuseWithoutLease(w http.ResponseWriter, write bool, shard string) bool {
+	if !write || s.xds.Load() == nil || s.LeaseRemaining() > 0 {
+		return false
+	}
+	s.m.noLease.Inc()
+	w.Header().Set("Retry-After", "1")
+	answer(w, http.StatusServiceUnavailable, "no-lease", fmt.Sprintf("unit %s holds no lease from the control plane, so it takes no writes for %s (its shards may be moving to a standby): retry", s.cfg.Identity.Unit, shard))
+	return true
 }

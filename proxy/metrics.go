@@ -13,6 +13,7 @@ type metrics struct {
 	duration  *prometheus.HistogramVec
 	misrouted *prometheus.CounterVec
 	fenced    prometheus.Counter
+	noLease   prometheus.Counter
 	inflight  *prometheus.GaugeVec
 	// inflightBy are inflight's two children, looked up once.
 	inflightBy  map[string]prometheus.Gauge
@@ -48,6 +49,10 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		fenced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cellmesh_fenced_requests_total",
 			Help: "Inbound requests refused because they carried an older epoch of their shard than this sidecar's map.",
+		}),
+		noLease: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cellmesh_lease_refused_writes_total",
+			Help: "Writes for this unit's shards refused (503 no-lease) because the unit holds no lease from the control plane.",
 		}),
 		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cellmesh_requests_in_flight",
@@ -98,7 +103,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		Name: "cellmesh_lease_remaining_seconds",
 		Help: "How long the unit's lease from the control plane lasts, as this sidecar counts it (0: none or ended).",
 	}, func() float64 { return s.LeaseRemaining().Seconds() })
-	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.inflight, m.tlsRejected,
+	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.noLease, m.inflight, m.tlsRejected,
 		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry, m.xdsConnected, m.xdsUpdates, m.xdsReconnects, leaseRemaining)
 	return m
 }

@@ -155,6 +155,9 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 		rh := sw.Header()
 		rh[hdrUnit] = []string{rt.unit}
 		rh[hdrRegion] = []string{rt.region}
+		if rt.fenced && s.refuseWithoutLease(sw, d.Write, routing.ShardName(rt.shard)) {
+			return
+		}
 		s.localProxy.ServeHTTP(sw, r)
 		return
 	}

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cellmesh/cellmesh/failover"
 	"github.com/cellmesh/cellmesh/internal/meshtls"
 	"github.com/cellmesh/cellmesh/routing"
 	"github.com/quic-go/quic-go"
@@ -58,7 +59,11 @@ type Sidecar struct {
 	xds atomic.Pointer[xdsClient] // set by RunXDS, for /config
 
 	leaseMu sync.Mutex // serializes grants
-	lease   atomic.Pointer[leaseGrant]
+	// health is the gossip view (empty without RunGossip); gossip is the
+	// sidecar's member of the pool.
+	health *failover.Health
+	gossip atomic.Pointer[failover.Membership]
+	lease  atomic.Pointer[leaseGrant]
 }
 
 // New checks cfg and builds a sidecar. It starts nothing and binds no
@@ -71,6 +76,8 @@ func New(cfg Config) (*Sidecar, error) {
 	s := &Sidecar{cfg: cfg}
 	s.log = cfg.Logger.With("component", "sidecar", "region", cfg.Identity.Region, "unit", cfg.Identity.Unit, "service", cfg.Identity.Service)
 	s.m = newMetrics(cfg.Registry, s)
+	s.health = failover.NewHealth(failover.HealthConfig{})
+	cfg.Registry.MustRegister(s.health.Collector())
 	s.endpoints.Store(&endpointSet{by: map[string]map[string][]*endpoint{}, byAddr: map[string]*endpoint{}})
 	s.up = newUpstream(s)
 	s.buildServers()

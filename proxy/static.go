@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cellmesh/cellmesh/failover"
 	"github.com/cellmesh/cellmesh/internal/meshtls"
 	"github.com/cellmesh/cellmesh/routing"
 	"github.com/cellmesh/cellmesh/routing/topofile"
@@ -40,6 +41,9 @@ type Static struct {
 	// XDS, when not nil, is where the map and endpoints come from; Map is
 	// nil and Endpoints empty then.
 	XDS *XDSConfig
+	// Gossip, when not nil, joins the sidecar to the gossip pool
+	// (RunGossip); its keys are read from KeyFile.
+	Gossip *GossipConfig
 }
 
 // staticFile is the YAML form. Durations are strings such as "5s".
@@ -67,6 +71,14 @@ type staticFile struct {
 		Servers   []string `yaml:"servers"`
 		Advertise string   `yaml:"advertise"`
 	} `yaml:"xds"`
+	Gossip *struct {
+		Bind      string   `yaml:"bind"`
+		Advertise string   `yaml:"advertise"`
+		Join      []string `yaml:"join"`
+		Profile   string   `yaml:"profile"`
+		KeyFile   string   `yaml:"key_file"`
+		Insecure  bool     `yaml:"insecure"`
+	} `yaml:"gossip"`
 	Endpoints []struct {
 		Service   string `yaml:"service"`
 		Unit      string `yaml:"unit"`
@@ -229,6 +241,40 @@ func parseStatic(data []byte, dir string) (*Static, error) {
 		} else if st.Map, err = routing.Compile(t); err != nil {
 			bad("topology %s: %v", st.Topology, err)
 		}
+	}
+	if g := sf.Gossip; g != nil {
+		gc := &GossipConfig{
+			Member:    failover.Config{Bind: g.Bind, Advertise: g.Advertise, Join: g.Join, Insecure: g.Insecure},
+			Advertise: QUIC,
+			KeyFile:   rel(g.KeyFile),
+			Reload:    st.Reload,
+		}
+		if st.XDS != nil {
+			gc.Advertise = st.XDS.Advertise
+		}
+		if p, err := failover.ParseProfile(g.Profile); err != nil {
+			bad("gossip: %v", err)
+		} else {
+			gc.Member.Profile = p
+		}
+		if g.Bind == "" {
+			bad("gossip: bind is required (ip:port, UDP and TCP)")
+		} else if _, err := netip.ParseAddrPort(g.Bind); err != nil {
+			bad("gossip: bind %q: want ip:port", g.Bind)
+		}
+		switch {
+		case g.KeyFile != "" && g.Insecure:
+			bad("gossip: key_file and insecure exclude each other")
+		case g.KeyFile == "" && !g.Insecure:
+			bad("gossip: key_file is required (cellmesh gossip-key > gossip.key), or insecure: true on a development machine")
+		case g.KeyFile != "":
+			keys, err := failover.ReadKeyFile(gc.KeyFile)
+			if err != nil {
+				bad("gossip: %v", err)
+			}
+			gc.Member.Keys = keys
+		}
+		st.Gossip = gc
 	}
 	if st.Map != nil {
 		if _, ok := st.Map.Unit(sf.Identity.Unit); sf.Identity.Unit != "" && !ok {

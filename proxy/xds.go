@@ -772,6 +772,10 @@ func claEndpoints(cla *endpointv3.ClusterLoadAssignment, svc, unit string) ([]En
 			return nil, fmt.Errorf("locality zone %q, but the cluster is of unit %s", z, unit)
 		}
 		for j, lb := range loc.GetLbEndpoints() {
+			switch lb.GetHealthStatus() {
+			case core.HealthStatus_UNHEALTHY, core.HealthStatus_DRAINING, core.HealthStatus_TIMEOUT:
+				continue // out of load balancing, as Envoy leaves it
+			}
 			sa := lb.GetEndpoint().GetAddress().GetSocketAddress()
 			if sa == nil {
 				return nil, fmt.Errorf("endpoint %d has no socket address", j)
@@ -798,8 +802,8 @@ func claEndpoints(cla *endpointv3.ClusterLoadAssignment, svc, unit string) ([]En
 }
 
 // push gives the sidecar the endpoints of clusters in clas. With retain,
-// the endpoints of a service in a unit that the list no longer has are
-// held while the map in use still declares the unit: the control plane
+// the endpoints of a service in a unit whose cluster the list no longer
+// has are held while the map in use still declares the unit: the control plane
 // drops a unit from the endpoints and the map in one version, whose two
 // responses may come in either order, and the map still routes there; and
 // a sidecar that moves to another replica is gone from the endpoints until
@@ -810,10 +814,13 @@ func (c *xdsClient) push(clusters map[string]bool, clas map[string][]Endpoint, v
 	var list []Endpoint
 	groups := map[[2]string]bool{}
 	for _, name := range slices.Sorted(maps.Keys(clusters)) {
-		for _, e := range clas[name] {
-			list = append(list, e)
-			groups[[2]string{e.Service, e.Unit}] = true
+		eps, ok := clas[name]
+		if svc, unit, named := xdsapi.ParseClusterName(name); ok && named {
+			// A cluster served with an assignment, even one with no
+			// healthy endpoint, holds nothing: its list is the truth.
+			groups[[2]string{svc, unit}] = true
 		}
+		list = append(list, eps...)
 	}
 	held := 0
 	if m := c.s.Map(); retain && m != nil {

@@ -836,6 +836,38 @@ func TestXDSEndpointsHeldNotForever(t *testing.T) {
 	}
 }
 
+// Endpoints served UNHEALTHY (gossip finds their sidecar dead) leave the
+// pool at once, even when their cluster has no healthy one left: no hold
+// (the hold is for a cluster that vanished with a map still routing to
+// it). Healthy again, they are back.
+func TestXDSUnhealthyEndpointsDropAtOnce(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	topo := expand(t, m.topo)
+	cp := newTestCP(t, m.ca, cpID("cp-1"), "127.0.0.1:0")
+	cp.publish(topo, m.endpoints())
+	x := xdsNode(t, m.ca, clientID, XDSConfig{Servers: []string{cp.addr}, holdTimeout: time.Hour}, nil)
+	all := sorted(m.endpoints())
+	waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), all) }, "every endpoint")
+	var kept []Endpoint
+	for _, e := range m.endpoints() {
+		if e.Unit != "eu-west-2" {
+			kept = append(kept, e)
+		}
+	}
+	for _, st := range []core.HealthStatus{core.HealthStatus_UNHEALTHY, core.HealthStatus_DRAINING, core.HealthStatus_TIMEOUT} {
+		cp.publishEndpoints(topo, m.endpoints(), func(cla *endpointv3.ClusterLoadAssignment) {
+			if _, unit, _ := xdsapi.ParseClusterName(cla.GetClusterName()); unit == "eu-west-2" {
+				for _, lb := range cla.Endpoints[0].LbEndpoints {
+					lb.HealthStatus = st
+				}
+			}
+		})
+		waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), sorted(kept)) }, "eu-west-2's "+st.String()+" endpoints dropped")
+		cp.publishEndpoints(topo, m.endpoints(), nil)
+		waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), all) }, "eu-west-2's endpoints back")
+	}
+}
+
 // A control plane that serves a map but no clusters: the map waits for
 // them a while (as Envoy's initial fetch timeout), then is applied.
 func TestXDSMapWithoutClusters(t *testing.T) {

@@ -152,8 +152,10 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("status", "cellmesh status [--api URL] [--token T] [--json]",
 		`Shows the control plane: its replicas (leader, voters, addresses), the
 state's raft index and map version, and per unit the shards it owns, the
-sidecars registered in it and how long its lease lasts (on the leader's
-clock: a unit whose sidecars are all gone is not renewed).`, stderr)
+sidecars registered in it (and how many gossip finds down), its health
+from gossip (up, degraded, suspect, down, unknown) and how long its lease
+lasts (on the leader's clock: a unit whose sidecars are all gone, or that
+gossip finds suspect or down, is not renewed).`, stderr)
 	f := addAPIFlags(fs)
 	if code, done := parse(fs, args, stdout); done {
 		return code
@@ -216,15 +218,51 @@ clock: a unit whose sidecars are all gone is not renewed).`, stderr)
 	for _, s := range shards.Shards {
 		owned[s.Unit]++
 	}
+	down := map[string]int{}
 	for _, e := range members.Endpoints {
 		eps[e.Unit]++
+		if e.Down {
+			down[e.Unit]++
+		}
+	}
+	g := members.Gossip
+	health := map[string]string{}
+	for _, u := range g.Units {
+		health[u.Unit] = string(u.State)
 	}
 	tw = tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "\nUNIT\tREGION\tKIND\tSHARDS\tSIDECARS\tLEASE")
+	fmt.Fprintln(tw, "\nUNIT\tREGION\tKIND\tHEALTH\tSHARDS\tSIDECARS\tLEASE")
 	for _, u := range topo.Units {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\n", u.Name, u.Region, dash(u.Kind), owned[u.Name], eps[u.Name], dash(lease[u.Name]))
+		sc := strconv.Itoa(eps[u.Name])
+		if down[u.Name] > 0 {
+			sc += fmt.Sprintf(" (%d down)", down[u.Name])
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", u.Name, u.Region, dash(u.Kind), dash(health[u.Name]), owned[u.Name], sc, dash(lease[u.Name]))
 	}
 	tw.Flush()
+	if !g.Enabled {
+		fmt.Fprintf(stdout, "\ngossip: off on %s (HEALTH is unknown without it)\n", g.SeenBy)
+		return exitOK
+	}
+	states := map[string]int{}
+	for _, m := range g.Members {
+		st := string(m.State)
+		if !m.HeldUntil.IsZero() {
+			st = "held"
+		}
+		states[st]++
+	}
+	var parts []string
+	for _, st := range []string{"alive", "held", "dead", "left"} {
+		if states[st] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", states[st], st))
+		}
+	}
+	var regions []string
+	for _, r := range g.Regions {
+		regions = append(regions, r.Region+" "+string(r.State))
+	}
+	fmt.Fprintf(stdout, "\ngossip (as %s sees it): %d members (%s); regions: %s\n", g.SeenBy, len(g.Members), strings.Join(parts, ", "), strings.Join(regions, ", "))
 	return exitOK
 }
 

@@ -41,6 +41,12 @@ unless --insecure-dev (no authentication: development machines only).
 The certificate must be for service `+meshtls.ControlPlaneService+` (cellmesh certs
 issue --service `+meshtls.ControlPlaneService+` --unit ID --region R).
 
+With --gossip the replica joins the gossip pool (hashicorp/memberlist,
+encrypted with --gossip-key-file): the leader takes dead sidecars out of
+the endpoints it serves and stops renewing the lease of a unit gossip finds
+down. GET /v1/members shows members, units and regions with their health,
+GET /v1/events the health event log.
+
 SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 	id := fs.String("id", "", "replica name, unique in the cluster (required)")
 	region := fs.String("region", "", "region the replica runs in")
@@ -57,6 +63,7 @@ SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 	ca := fs.String("tls-ca", "", "CA bundle of the mesh (required)")
 	cert := fs.String("tls-cert", "", "this replica's certificate (required)")
 	key := fs.String("tls-key", "", "this replica's key (required)")
+	gossip := addGossipFlags(fs)
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	format := fs.String("log-format", "text", "log format: text or json")
 	if code, done := parse(fs, args, stdout); done {
@@ -87,6 +94,10 @@ SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 			return failf(stderr, "controlplane", "%v", err)
 		}
 	}
+	gc, err := gossip.config(*insecure)
+	if err != nil {
+		return failf(stderr, "controlplane", "%v", err)
+	}
 	tlsStore, err := meshtls.Load(meshtls.Files{CA: *ca, Cert: *cert, Key: *key}, nil)
 	if err != nil {
 		return failf(stderr, "controlplane", "%v", err)
@@ -99,7 +110,7 @@ SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 	r, err := controlplane.Open(controlplane.Config{
 		ID: *id, Region: *region, DataDir: *dataDir, Raft: *raftAddr, RaftAdvertise: *raftAdv,
 		API: *apiAddr, XDS: *xdsAddr, Join: join, Topology: topo, Token: token, InsecureDev: *insecure,
-		TLS: tlsStore, Logger: log, Registry: reg,
+		TLS: tlsStore, Gossip: gc, Logger: log, Registry: reg,
 	})
 	if err != nil {
 		return failf(stderr, "controlplane", "%v", err)
@@ -107,6 +118,21 @@ SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go tlsStore.Watch(ctx, meshtls.DefaultWatchInterval, log)
+	if ms := r.Gossip(); ms != nil && *gossip.keyFile != "" {
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		kick := make(chan struct{}, 1)
+		go func() {
+			for range hup {
+				select {
+				case kick <- struct{}{}:
+				default:
+				}
+			}
+		}()
+		go ms.WatchKeyFile(ctx, *gossip.keyFile, meshtls.DefaultWatchInterval, kick)
+	}
 	if err := r.Run(ctx); err != nil {
 		log.Error("control plane stopped with an error", "error", err)
 		return exitError

@@ -121,6 +121,10 @@ type cpMesh struct {
 	certs    string
 	replicas []*cpProc
 	cut      atomic.Value
+	// gossipKey is the keyring file when the mesh gossips ("": it does
+	// not); gossipSeeds are the replicas' gossip addresses.
+	gossipKey   string
+	gossipSeeds []string
 }
 
 // api sends an API call to a replica and decodes the answer.
@@ -234,8 +238,9 @@ func (cm *cpMesh) waitUntil(what string, limit time.Duration, cond func() bool) 
 }
 
 // startCPMesh starts three replicas and the local example's four units
-// with their sidecars on xDS.
-func startCPMesh(t *testing.T) *cpMesh {
+// with their sidecars on xDS; with gossip, every process joins the
+// gossip pool (fast profile, encrypted).
+func startCPMesh(t *testing.T, gossip bool) *cpMesh {
 	t.Helper()
 	bin, echoBin := buildBinaries(t)
 	topo, err := topofile.Load("../../examples/local/topology.yaml")
@@ -246,6 +251,12 @@ func startCPMesh(t *testing.T) *cpMesh {
 	cm.cut.Store("")
 	cm.certs = filepath.Join(cm.dir, "certs")
 	cm.cli("certs", "init", "--dir", cm.certs, "--trust-domain", "cellmesh.test")
+	if gossip {
+		cm.gossipKey = filepath.Join(cm.dir, "gossip.key")
+		if err := os.WriteFile(cm.gossipKey, []byte(cm.cli("gossip-key")), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	topoPath := filepath.Join(cm.dir, "topology.yaml")
 	data, err := topofile.Encode(topo)
 	if err != nil {
@@ -271,6 +282,19 @@ func startCPMesh(t *testing.T) *cpMesh {
 			"--raft", raftAddr, "--raft-advertise", r.relay.ln.Addr().String(), "--api", r.api, "--xds", r.xds,
 			"--tls-ca", filepath.Join(cm.certs, "ca.pem"), "--tls-cert", filepath.Join(cm.certs, name+".pem"),
 			"--tls-key", filepath.Join(cm.certs, name+"-key.pem"), "--log-level", "debug"}
+		if gossip {
+			ln, err := net.Listen("tcp", r.ip+":0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			g := ln.Addr().String()
+			ln.Close()
+			cm.gossipSeeds = append(cm.gossipSeeds, g)
+			r.args = append(r.args, "--gossip", g, "--gossip-profile", "fast", "--gossip-key-file", cm.gossipKey)
+			if i > 0 {
+				r.args = append(r.args, "--gossip-join", cm.gossipSeeds[0])
+			}
+		}
 		if i == 0 {
 			r.args = append(r.args, "--topology", topoPath)
 		} else {
@@ -359,6 +383,9 @@ drain_timeout: 10s
 misroute_correction: true
 xds: {servers: [%s], advertise: quic}
 `, p.region, p.unit, p.app, p.outbound, p.quic, p.tcp, p.admin, p.unit, p.unit, strings.Join(servers, ", "))
+	if cm.gossipKey != "" {
+		cfg += fmt.Sprintf("gossip: {bind: %s, join: [%s], profile: fast, key_file: %s}\n", freeGossip(cm.t), strings.Join(cm.gossipSeeds, ", "), cm.gossipKey)
+	}
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		cm.t.Fatal(err)
 	}
@@ -513,7 +540,7 @@ func TestControlPlaneProcesses(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts 11 processes")
 	}
-	cm := startCPMesh(t)
+	cm := startCPMesh(t, false)
 	tr := cm.startTraffic()
 	defer func() {
 		if tr != nil {
@@ -536,7 +563,7 @@ func TestControlPlaneProcesses(t *testing.T) {
 			t.Fatalf("cellmesh status (exit %d) lacks %q:\n%s", code, want, out)
 		}
 	}
-	if !regexp.MustCompile(`(?m)^us-east-1\s+us-east\s+rzone\s+25\s+1\s+[0-9.]+m?s\s*$`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^us-east-1\s+us-east\s+rzone\s+unknown\s+25\s+1\s+[0-9.]+m?s\s*$`).MatchString(out) {
 		t.Fatalf("cellmesh status does not show us-east-1 with 25 shards, 1 sidecar and a lease:\n%s", out)
 	}
 	out, code = cm.ctl(r1, "shards", "--region", "eu-west", "--json")

@@ -42,6 +42,7 @@ func commands() []command {
 		{"status", "show the control plane: replicas, leader, units with their shards and sidecars", runStatus},
 		{"shards", "list the shard map (owner, epoch, state, standbys), by unit or region", runShards},
 		{"move", "move a shard's primary to another unit (move SHARD --to UNIT)", runMove},
+		{"gossip-key", "print a new gossip key for a keyring file", runGossipKey},
 	}
 }
 

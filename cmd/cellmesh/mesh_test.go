@@ -99,6 +99,20 @@ func freeTCP(t *testing.T) string { t.Helper(); return freePort(t, "tcp") }
 
 func freeUDP(t *testing.T) string { t.Helper(); return freePort(t, "udp") }
 
+// freeGossip is a port free for both UDP and TCP (gossip binds both).
+func freeGossip(t *testing.T) string {
+	t.Helper()
+	for range 1000 {
+		addr := freeTCP(t)
+		if pc, err := net.ListenPacket("udp", addr); err == nil {
+			pc.Close()
+			return addr
+		}
+	}
+	t.Fatal("no port free for both UDP and TCP")
+	return ""
+}
+
 // startProcMesh starts the local example's topology as processes; h2Units
 // are reached over HTTP/2 on TLS.
 func startProcMesh(t *testing.T, h2Units ...string) *procMesh {

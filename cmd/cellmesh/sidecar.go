@@ -94,12 +94,14 @@ flight finish within drain_timeout, exit 0.`, stderr)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	kick := make(chan struct{}, 1)
+	kick, keyKick := make(chan struct{}, 1), make(chan struct{}, 1)
 	go func() {
 		for range hup {
-			select {
-			case kick <- struct{}{}:
-			default:
+			for _, k := range []chan struct{}{kick, keyKick} {
+				select {
+				case k <- struct{}{}:
+				default:
+				}
 			}
 		}
 	}()
@@ -113,7 +115,7 @@ flight finish within drain_timeout, exit 0.`, stderr)
 	go store.Watch(watchCtx, interval, log)
 	runCtx, cancelRun := context.WithCancel(ctx)
 	defer cancelRun()
-	xdsErr := make(chan error, 1)
+	xdsErr := make(chan error, 2) // the xDS client's and gossip's start
 	if st.XDS != nil {
 		// The client follows the control plane until the sidecar has
 		// drained, so requests in flight are fenced with the newest map.
@@ -132,10 +134,25 @@ flight finish within drain_timeout, exit 0.`, stderr)
 		}()
 	}
 
+	if st.Gossip != nil {
+		// The sidecar leaves the pool when asked to stop, as its drain
+		// begins: the others see it left, not dead.
+		gossipDone := make(chan struct{})
+		go func() {
+			defer close(gossipDone)
+			if err := s.RunGossip(runCtx, *st.Gossip, keyKick); err != nil {
+				log.Error("gossip stopped; the sidecar stops too", "error", err)
+				xdsErr <- err
+				cancelRun()
+			}
+		}()
+		defer func() { <-gossipDone }()
+	}
+
 	err = s.Run(runCtx)
 	select {
 	case xerr := <-xdsErr:
-		log.Error("xds client could not start; stopped the sidecar", "error", xerr)
+		log.Error("the xds client or gossip could not start; stopped the sidecar", "error", xerr)
 		return exitError
 	default:
 	}

@@ -42,6 +42,11 @@ const (
 // listener, and how peers reach it ("quic" or "h2").
 type Endpoint struct {
 	Service, Unit, Address, Transport string
+	// Down: gossip finds the sidecar dead. It is served with health
+	// status UNHEALTHY, which xDS clients (Envoy's too) leave out of load
+	// balancing; its cluster stays, so a client drops it at once rather
+	// than holding a vanished cluster's endpoints.
+	Down bool
 }
 
 // ClusterName names the cluster of a service in a unit.
@@ -115,7 +120,12 @@ func Build(version string, m *routing.ShardMap, eps []Endpoint) (*Resources, err
 			if e.Transport == "h2" {
 				proto = core.SocketAddress_TCP
 			}
+			health := core.HealthStatus_HEALTHY
+			if e.Down {
+				health = core.HealthStatus_UNHEALTHY
+			}
 			lbs = append(lbs, &endpoint.LbEndpoint{
+				HealthStatus: health,
 				HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{Address: &core.Address{
 					Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
 						Protocol: proto, Address: ap.Addr().String(),

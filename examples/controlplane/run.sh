@@ -8,7 +8,8 @@
 #   examples/controlplane/run.sh          run the story, stop
 #   examples/controlplane/run.sh --keep   ... and leave it running until Ctrl-C
 #
-# Ports: replicas 177x0 (API), 177x1 (xDS), 177x2 (raft); sidecars 161xx-164xx;
+# Ports: replicas 177x0 (API), 177x1 (xDS), 177x2 (raft), 177x3 (gossip);
+# sidecars 161xx-165xx;
 # echo apps 1820x, all on 127.0.0.1. Logs and data go to a temporary directory
 # (printed), or $CELLMESH_LOGS.
 set -euo pipefail
@@ -53,6 +54,7 @@ certs="$here/certs"
 if [ ! -f "$certs/ca.pem" ]; then
 	"$cellmesh" certs init --dir "$certs" --trust-domain cellmesh.local >/dev/null
 fi
+[ -f "$certs/gossip.key" ] || "$cellmesh" gossip-key >"$certs/gossip.key"
 issue() { # region unit service
 	[ -f "$certs/$2-$3.pem" ] || "$cellmesh" certs issue --dir "$certs" --region "$1" --unit "$2" --service "$3" >/dev/null
 }
@@ -66,7 +68,9 @@ for pair in cp-us:us-east cp-eu:eu-west cp-ap:ap-south; do
 	issue "$region" "$id" cellmesh-controlplane
 	args=(controlplane --id "$id" --region "$region" --data-dir "$work/data/$id"
 		--api "127.0.0.1:177${i}0" --xds "127.0.0.1:177${i}1" --raft "127.0.0.1:177${i}2"
-		--tls-ca "$certs/ca.pem" --tls-cert "$certs/$id-cellmesh-controlplane.pem" --tls-key "$certs/$id-cellmesh-controlplane-key.pem")
+		--tls-ca "$certs/ca.pem" --tls-cert "$certs/$id-cellmesh-controlplane.pem" --tls-key "$certs/$id-cellmesh-controlplane-key.pem"
+		--gossip "127.0.0.1:177${i}3" --gossip-key-file "$certs/gossip.key" --gossip-profile fast)
+	if [ $i -gt 0 ]; then args+=(--gossip-join 127.0.0.1:17703); fi
 	if [ $i -eq 0 ]; then args+=(--topology "$root/examples/local/topology.yaml"); else args+=(--join 127.0.0.1:17700); fi
 	"$cellmesh" "${args[@]}" >"$logs/$id.log" 2>&1 &
 	pids+=($!)
