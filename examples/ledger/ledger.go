@@ -519,4 +519,3 @@ func (l *Ledger) balance(shard int, epoch uint64, user string) (int64, error) {
 	})
 	return bal, err
 }
-
