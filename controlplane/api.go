@@ -94,6 +94,7 @@ func (r *Replica) routes() []route {
 		{pattern: "/v1/members", methods: map[string]handler{"GET": r.getMembers}},
 		{pattern: "/v1/actions", methods: map[string]handler{"GET": r.getActions}},
 		{pattern: "/v1/events", methods: map[string]handler{"GET": r.getEvents}},
+		{pattern: "/v1/handoffs", methods: map[string]handler{"GET": r.getHandoffs}},
 		{pattern: "/v1/replicas", methods: map[string]handler{"POST": r.postReplica}, write: true},
 		{pattern: "/v1/replicas/{id}", methods: map[string]handler{"DELETE": r.deleteReplica}, write: true},
 		{pattern: "/v1/internal/endpoints", methods: map[string]handler{"POST": r.postEndpoints}, write: true},
@@ -457,6 +458,9 @@ type MoveRequest struct {
 	// Epoch, when set, is the epoch the caller read: the move happens only
 	// if the shard is still at it.
 	Epoch uint64 `json:"epoch,omitempty"`
+	// AcceptDataLoss moves the shard even when the handoff check fails
+	// (its standby behind): the gap is recorded in the handoff.
+	AcceptDataLoss bool `json:"accept_data_loss,omitempty"`
 }
 
 // MoveResult is the answer of a move.
@@ -469,6 +473,8 @@ type MoveResult struct {
 	// Index is the raft index that committed it; the leader had
 	// published it over xDS when it answered.
 	Index uint64 `json:"index"`
+	// Handoff is the record of the handoff (write pause, gap accepted).
+	Handoff *store.Handoff `json:"handoff,omitempty"`
 }
 
 func (r *Replica) postMove(req *http.Request) (any, error) {
@@ -498,16 +504,16 @@ func (r *Replica) postMove(req *http.Request) (any, error) {
 	if by := req.Header.Get(forwardedHeader); by != "" {
 		who = "api via " + by
 	}
-	next, err := r.leaderWrite(req.Context(), store.Command{Op: store.OpMove, Shard: o.Shard, To: body.To, Epoch: epoch, Who: who, At: time.Now().UTC()})
+	h, err := r.orch.planned(req.Context(), o.Shard, body.To, epoch, body.AcceptDataLoss, who)
 	if err != nil {
 		return nil, err
 	}
+	next := r.store.Map()
 	idx := r.store.State().Index
-	r.waitPublished(req.Context(), idx)
 	no, _ := next.Lookup(o.Shard)
-	r.m.moves.WithLabelValues("operator").Inc()
-	r.log.Info("shard moved", "shard", o.Shard, "from", o.Unit, "to", no.Unit, "epoch", no.Epoch, "version", next.Version(), "by", who)
-	return MoveResult{Shard: o.Shard, From: o.Unit, To: no.Unit, Epoch: no.Epoch, Version: next.Version(), Index: idx}, nil
+	r.log.Info("shard moved", "shard", o.Shard, "from", o.Unit, "to", no.Unit, "epoch", no.Epoch, "version", next.Version(), "by", who,
+		"write_pause_seconds", h.WritePauseSeconds, "gap", h.Gap)
+	return MoveResult{Shard: o.Shard, From: o.Unit, To: no.Unit, Epoch: no.Epoch, Version: next.Version(), Index: idx, Handoff: h}, nil
 }
 
 // waitPublished waits (briefly) until the xDS server serves index.
@@ -614,6 +620,11 @@ func (r *Replica) getEvents(req *http.Request) (any, error) {
 		after = n
 	}
 	return map[string]any{"seen_by": r.cfg.ID, "events": nonNil(r.health.Events(after))}, nil
+}
+
+// getHandoffs answers the orchestrator's last handoffs, newest last.
+func (r *Replica) getHandoffs(*http.Request) (any, error) {
+	return map[string]any{"handoffs": nonNil(r.store.State().Handoffs)}, nil
 }
 
 func (r *Replica) getActions(*http.Request) (any, error) {

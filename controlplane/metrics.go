@@ -5,13 +5,16 @@ import (
 )
 
 type metrics struct {
-	pushDuration  prometheus.Histogram
-	pushBytes     *prometheus.HistogramVec
-	publishErrors prometheus.Counter
-	connected     prometheus.Gauge
-	acks          *prometheus.CounterVec
-	api           *prometheus.CounterVec
-	moves         *prometheus.CounterVec
+	pushDuration   prometheus.Histogram
+	pushBytes      *prometheus.HistogramVec
+	publishErrors  prometheus.Counter
+	connected      prometheus.Gauge
+	acks           *prometheus.CounterVec
+	api            *prometheus.CounterVec
+	moves          *prometheus.CounterVec
+	handoffs       *prometheus.CounterVec
+	handoffSeconds *prometheus.HistogramVec
+	writePause     prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer, r *Replica) *metrics {
@@ -42,6 +45,20 @@ func newMetrics(reg prometheus.Registerer, r *Replica) *metrics {
 			Name: "cellmesh_api_requests_total",
 			Help: "Operator API requests by method, route and status code (forwarded: relayed to the leader).",
 		}, []string{"method", "route", "code"}),
+		handoffs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_handoffs_total",
+			Help: "Handoffs run by this replica as leader, by kind (planned, unplanned) and result (done, blocked).",
+		}, []string{"kind", "result"}),
+		handoffSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "cellmesh_handoff_duration_seconds",
+			Help:    "Handoffs from their start (planned: the operator's call; unplanned: gossip finding the unit down) to the new primary promoted.",
+			Buckets: []float64{.05, .1, .25, .5, 1, 2, 4, 6, 10, 20},
+		}, []string{"kind"}),
+		writePause: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "cellmesh_handoff_write_pause_seconds",
+			Help:    "Planned handoffs from draining (writes held) to the new primary's map published.",
+			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}),
 		moves: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cellmesh_shard_moves_total",
 			Help: "Shard moves committed by this replica as leader, by reason.",
@@ -51,7 +68,7 @@ func newMetrics(reg prometheus.Registerer, r *Replica) *metrics {
 	gauge := func(name, help string, f func() float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
 	}
-	reg.MustRegister(m.pushDuration, m.pushBytes, m.publishErrors, m.connected, m.acks, m.api, m.moves,
+	reg.MustRegister(m.pushDuration, m.pushBytes, m.publishErrors, m.connected, m.acks, m.api, m.moves, m.handoffs, m.handoffSeconds, m.writePause,
 		gauge("cellmesh_raft_leader", "1 when this replica is the raft leader.", func() float64 {
 			if st.IsLeader() {
 				return 1

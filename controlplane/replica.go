@@ -67,6 +67,14 @@ type Config struct {
 	Gossip *failover.Config
 	// Health tunes how gossip adds up to unit and region health.
 	Health failover.HealthConfig
+	// HandoffServices are the services that hold data and implement the
+	// handoff contract (replication watermarks, promote, demote): the
+	// orchestrator checks them before any handoff. None: shards move
+	// without a check or a drain (stateless services).
+	HandoffServices []string
+	// HandoffTimeout bounds a planned handoff's wait for its standby to
+	// catch up before it is blocked (default 5s).
+	HandoffTimeout time.Duration
 	// Fast shortens raft's timeouts (tests on one machine).
 	Fast bool
 	// Logger and Registry default to discarding and a new registry.
@@ -87,6 +95,7 @@ type Replica struct {
 	// this replica's member (nil without Config.Gossip).
 	health *failover.Health
 	gossip *failover.Membership
+	orch   *orchestrator
 	boot   string // this process's prefix of xDS session names
 
 	apiLn, xdsLn net.Listener
@@ -159,6 +168,10 @@ func Open(cfg Config) (*Replica, error) {
 	if cfg.LeaseTTL == 0 {
 		cfg.LeaseTTL = DefaultLeaseTTL
 	}
+	if cfg.HandoffTimeout <= 0 {
+		cfg.HandoffTimeout = 5 * time.Second
+	}
+	cfg.HandoffServices = slices.Clone(cfg.HandoffServices)
 	var nonce [6]byte
 	_, _ = rand.Read(nonce[:])
 	r := &Replica{
@@ -178,6 +191,7 @@ func Open(cfg Config) (*Replica, error) {
 	r.m = newMetrics(cfg.Registry, r)
 	r.health = failover.NewHealth(cfg.Health)
 	cfg.Registry.MustRegister(r.health.Collector())
+	r.orch = newOrchestrator(r)
 	r.reg = newRegistry(r)
 	creds := credentials.NewTLS(cfg.TLS.ServerConfig(nil, func(remote string, err error) {
 		r.log.Warn("refused an xDS client's certificate", "remote", remote, "error", err)
@@ -254,8 +268,9 @@ func (r *Replica) Run(ctx context.Context) error {
 	go func() { defer r.wg.Done(); r.publishLoop(ctx) }()
 	go func() { defer r.wg.Done(); r.leaderLoop(ctx) }()
 	go func() { defer r.wg.Done(); r.reg.run(ctx) }()
-	r.wg.Add(1)
+	r.wg.Add(2)
 	go func() { defer r.wg.Done(); r.healthLoop(ctx) }()
+	go func() { defer r.wg.Done(); r.orch.run(ctx) }()
 	if r.gossip != nil {
 		r.wg.Add(1)
 		go func() {

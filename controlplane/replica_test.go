@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -140,7 +141,8 @@ func TestThreeReplicasJoinRegisterForward(t *testing.T) {
 		defer resp.Body.Close()
 		var res MoveResult
 		if resp.StatusCode != 200 || json.NewDecoder(resp.Body).Decode(&res) != nil {
-			t.Fatalf("move via %s: %s", via.cfg.ID, resp.Status)
+			b, _ := io.ReadAll(resp.Body)
+			t.Fatalf("move via %s: %s %s", via.cfg.ID, resp.Status, b)
 		}
 		if l := resp.Header.Get(leaderHeader); l == via.cfg.ID || l == "" {
 			t.Fatalf("move via follower %s answered by %q", via.cfg.ID, l)

@@ -52,6 +52,23 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 	}
 	rt.src = peer.Unit
 	h := r.Header
+	if peer.Service == meshtls.ControlPlaneService {
+		// The orchestrator calls the app's handoff contract (watermarks,
+		// promote, demote), and nothing else.
+		if !strings.HasPrefix(r.URL.Path, contractPrefix) || !canonicalPath(r.URL.Path) {
+			answer(sw, http.StatusForbidden, "not-contract", fmt.Sprintf("a control-plane replica may call only the handoff contract (%s...) through a sidecar, not %s", contractPrefix, r.URL.Path))
+			return
+		}
+		for k := range h {
+			if strings.HasPrefix(k, "X-Cellmesh-") {
+				delete(h, k)
+			}
+		}
+		h[hdrUnit] = []string{id.Unit}
+		h[hdrRegion] = []string{id.Region}
+		s.appProxy.ServeHTTP(sw, r)
+		return
+	}
 	if svc := h.Get(hdrService); svc != "" && svc != id.Service {
 		s.m.misrouted.WithLabelValues("refused").Inc()
 		answer(sw, http.StatusMisdirectedRequest, "wrong-service", fmt.Sprintf("this sidecar fronts service %s of unit %s, not %s", id.Service, id.Unit, svc))
@@ -107,7 +124,18 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 				answer(sw, http.StatusBadRequest, "unfenced", fmt.Sprintf("x-cellmesh-shard is missing: a request for %s data (shard %s) must carry its shard and epoch", d.Zone, want))
 				return
 			case want:
-				if !s.fence(sw, r, m, rt, d.Shard) || s.refuseWithoutLease(sw, d.Write, routing.ShardName(d.Shard)) {
+				if !s.fence(sw, r, m, rt, d.Shard) {
+					return
+				}
+				owner, ok := s.holdDraining(sw, r, rt, d.Shard, d.Write)
+				if !ok {
+					return
+				}
+				if owner != nil {
+					s.forwardHeld(sw, r, rt, owner)
+					return
+				}
+				if s.refuseWithoutLease(sw, d.Write, routing.ShardName(d.Shard)) {
 					return
 				}
 			default:
@@ -122,6 +150,9 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 	delete(h, hdrHops)
 	s.appProxy.ServeHTTP(sw, r)
 }
+
+// contractPrefix starts the paths of the handoff contract.
+const contractPrefix = "/.well-known/cellmesh/"
 
 // fence checks the epoch of a request for shard (its key's, which the
 // request's x-cellmesh-shard matched) against the map. It returns

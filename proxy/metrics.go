@@ -9,12 +9,13 @@ import (
 
 // metrics are the sidecar's Prometheus metrics (DESIGN.md, "Metrics").
 type metrics struct {
-	requests  *prometheus.CounterVec
-	duration  *prometheus.HistogramVec
-	misrouted *prometheus.CounterVec
-	fenced    prometheus.Counter
-	noLease   prometheus.Counter
-	inflight  *prometheus.GaugeVec
+	requests    *prometheus.CounterVec
+	duration    *prometheus.HistogramVec
+	misrouted   *prometheus.CounterVec
+	fenced      prometheus.Counter
+	noLease     prometheus.Counter
+	holdSeconds prometheus.Histogram
+	inflight    *prometheus.GaugeVec
 	// inflightBy are inflight's two children, looked up once.
 	inflightBy  map[string]prometheus.Gauge
 	tlsRejected *prometheus.CounterVec
@@ -49,6 +50,11 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		fenced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cellmesh_fenced_requests_total",
 			Help: "Inbound requests refused because they carried an older epoch of their shard than this sidecar's map.",
+		}),
+		holdSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "cellmesh_handoff_write_pause_seconds",
+			Help:    "How long writes for a shard being handed off were held at its old owner before they went on (to the app or the new owner) or were refused.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
 		noLease: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cellmesh_lease_refused_writes_total",
@@ -103,7 +109,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		Name: "cellmesh_lease_remaining_seconds",
 		Help: "How long the unit's lease from the control plane lasts, as this sidecar counts it (0: none or ended).",
 	}, func() float64 { return s.LeaseRemaining().Seconds() })
-	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.noLease, m.inflight, m.tlsRejected,
+	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.noLease, m.holdSeconds, m.inflight, m.tlsRejected,
 		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry, m.xdsConnected, m.xdsUpdates, m.xdsReconnects, leaseRemaining)
 	return m
 }

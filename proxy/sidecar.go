@@ -63,7 +63,11 @@ type Sidecar struct {
 	// sidecar's member of the pool.
 	health *failover.Health
 	gossip atomic.Pointer[failover.Membership]
-	lease  atomic.Pointer[leaseGrant]
+	// mapCh is closed at every map change (holders of draining writes
+	// wait on it); held counts the writes held.
+	mapCh atomic.Pointer[chan struct{}]
+	held  atomic.Int64
+	lease atomic.Pointer[leaseGrant]
 }
 
 // New checks cfg and builds a sidecar. It starts nothing and binds no
@@ -76,6 +80,8 @@ func New(cfg Config) (*Sidecar, error) {
 	s := &Sidecar{cfg: cfg}
 	s.log = cfg.Logger.With("component", "sidecar", "region", cfg.Identity.Region, "unit", cfg.Identity.Unit, "service", cfg.Identity.Service)
 	s.m = newMetrics(cfg.Registry, s)
+	ch := make(chan struct{})
+	s.mapCh.Store(&ch)
 	s.health = failover.NewHealth(failover.HealthConfig{})
 	cfg.Registry.MustRegister(s.health.Collector())
 	s.endpoints.Store(&endpointSet{by: map[string]map[string][]*endpoint{}, byAddr: map[string]*endpoint{}})
@@ -113,6 +119,7 @@ func (s *Sidecar) SetMap(m *routing.ShardMap) error {
 	s.m.reloads.WithLabelValues("ok").Inc()
 	s.m.mapVersion.Set(float64(m.Version()))
 	s.updateReady()
+	s.signalMap()
 	return nil
 }
 
@@ -384,6 +391,11 @@ func (s *Sidecar) Close() error {
 // authorizePeer accepts an inbound peer whose unit is in the current map,
 // in the region the map gives it.
 func (s *Sidecar) authorizePeer(peer meshtls.ID) error {
+	if peer.Service == meshtls.ControlPlaneService {
+		// A control-plane replica calls the handoff contract only (see
+		// serveInbound); its certificate names a replica, not a unit.
+		return nil
+	}
 	m := s.live.Load()
 	if m == nil {
 		return errors.New("no shard map loaded yet, so no unit can be authorized")

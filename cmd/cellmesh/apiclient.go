@@ -328,15 +328,25 @@ func urlEscape(s string) string {
 }
 
 func runMove(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("move", "cellmesh move SHARD --to UNIT [--epoch E] [--api URL] [--token T] [--json]",
-		`Moves a shard's primary to another unit: the control plane's leader
-commits epoch+1 through raft (only if the shard is still at the epoch it
-read, or at --epoch) and pushes the new map to every sidecar over xDS.
-SHARD is a shard number or "global" (the gzone writer). Exit 3 when the
-control plane refused the move (nothing changed).`, stderr)
+	fs := newFlags("move", "cellmesh move SHARD --to UNIT [--epoch E] [--accept-data-loss] [--api URL] [--token T] [--json]",
+		`Moves a shard's primary to another unit with a planned handoff: the
+control plane's leader checks the safety rules, drains the shard (its old
+owner's sidecars hold new writes), waits until every handoff service's
+standby in UNIT has applied all the primary committed, commits epoch+1
+through raft (only if the shard is still at the epoch it read, or at
+--epoch), pushes the new map to every sidecar over xDS, demotes the old
+primary and promotes the new one; the held writes go on to it.
+
+A standby that does not catch up in time blocks the handoff: the shard
+stays on its primary, marked blocked, and the command exits 3 saying why.
+--accept-data-loss moves it anyway and records the gap (the writes the
+standby lacked) in the handoff. SHARD is a shard number or "global" (the
+gzone writer). Exit 3 when the control plane refused the move (nothing
+changed, or blocked).`, stderr)
 	f := addAPIFlags(fs)
 	to := fs.String("to", "", "the unit that becomes the primary (required)")
 	epoch := fs.Uint64("epoch", 0, "move only if the shard is still at this epoch")
+	acceptLoss := fs.Bool("accept-data-loss", false, "move even when the standby cannot be proven caught up; the gap is recorded")
 	if code, done := parse(fs, args, stdout); done {
 		return code
 	}
@@ -351,7 +361,7 @@ control plane refused the move (nothing changed).`, stderr)
 		return usagef(stderr, "move", "--to is required")
 	}
 	var res controlplane.MoveResult
-	raw, err := f.call("POST", "/v1/shards/"+shard+"/move", controlplane.MoveRequest{To: *to, Epoch: *epoch}, &res)
+	raw, err := f.call("POST", "/v1/shards/"+shard+"/move", controlplane.MoveRequest{To: *to, Epoch: *epoch, AcceptDataLoss: *acceptLoss}, &res)
 	if err != nil {
 		return apiFail(stderr, "move", err)
 	}
@@ -360,5 +370,8 @@ control plane refused the move (nothing changed).`, stderr)
 		return exitOK
 	}
 	fmt.Fprintf(stdout, "moved shard %s from %s to %s: epoch %d, map version %d (raft index %d, pushed)\n", shard, res.From, res.To, res.Epoch, res.Version, res.Index)
+	if h := res.Handoff; h != nil && h.Gap > 0 {
+		fmt.Fprintf(stdout, "DATA LOSS ACCEPTED: the standby lacked %d writes (%s); recorded in handoff %s\n", h.Gap, h.Reason, h.ID)
+	}
 	return exitOK
 }

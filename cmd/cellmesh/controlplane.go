@@ -8,6 +8,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -64,6 +65,9 @@ SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 	cert := fs.String("tls-cert", "", "this replica's certificate (required)")
 	key := fs.String("tls-key", "", "this replica's key (required)")
 	gossip := addGossipFlags(fs)
+	var handoff listFlag
+	fs.Var(&handoff, "handoff-service", "a service that holds data and implements the handoff contract (repeatable or comma-separated): checked before any handoff")
+	handoffTimeout := fs.Duration("handoff-timeout", 5*time.Second, "how long a planned handoff waits for its standby to catch up before it is blocked")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	format := fs.String("log-format", "text", "log format: text or json")
 	if code, done := parse(fs, args, stdout); done {
@@ -110,7 +114,7 @@ SIGTERM or SIGINT stops the replica; its state stays on disk.`, stderr)
 	r, err := controlplane.Open(controlplane.Config{
 		ID: *id, Region: *region, DataDir: *dataDir, Raft: *raftAddr, RaftAdvertise: *raftAdv,
 		API: *apiAddr, XDS: *xdsAddr, Join: join, Topology: topo, Token: token, InsecureDev: *insecure,
-		TLS: tlsStore, Gossip: gc, Logger: log, Registry: reg,
+		TLS: tlsStore, Gossip: gc, HandoffServices: handoff, HandoffTimeout: *handoffTimeout, Logger: log, Registry: reg,
 	})
 	if err != nil {
 		return failf(stderr, "controlplane", "%v", err)

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -71,12 +72,20 @@ func buildBinaries(t *testing.T) (cellmesh, echo string) {
 // it could be in the ephemeral range while packages test in parallel.
 const procPortLow, procPortHigh = 20000, 32000
 
+// handedOut holds the ports freePort gave out in this test binary: a port
+// is given once, so two processes of a test never get the same one.
+var handedOut sync.Map
+
 // freePort returns a port of 127.0.0.1 below the ephemeral range that is
 // free now for the network (tcp or udp).
 func freePort(t *testing.T, network string) string {
 	t.Helper()
 	for range 1000 {
-		addr := fmt.Sprintf("127.0.0.1:%d", procPortLow+rand.IntN(procPortHigh-procPortLow))
+		port := procPortLow + rand.IntN(procPortHigh-procPortLow)
+		if _, taken := handedOut.LoadOrStore(port, true); taken {
+			continue // handed out already, maybe not bound yet
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		if network == "udp" {
 			pc, err := net.ListenPacket("udp", addr)
 			if err == nil {

@@ -40,6 +40,17 @@ const (
 	// of which registered sidecars are dead. A down endpoint stays
 	// registered but is not served over EDS and gives its unit no lease.
 	OpHealth = "health"
+	// OpState sets shard Shard's state to State if its epoch is still
+	// Epoch: draining for a planned handoff, blocked when a handoff check
+	// failed, serving again after an abort or an override.
+	OpState = "state"
+	// OpPlanMove applies Move, one move of a routing plan (a new primary
+	// at epoch+1, new standbys, or both), if the shard's primary and epoch
+	// are still the move's From and FromEpoch; the shard serves after it.
+	OpPlanMove = "plan-move"
+	// OpHandoff records Handoff (replacing the record of the same ID):
+	// what the orchestrator did, for the API and a new leader.
+	OpHandoff = "handoff"
 	// OpGrant grants the units of Grants a lease of TTL from At (the
 	// leader's clock): each one's Seq rises. Units the map lacks are
 	// skipped.
@@ -110,6 +121,9 @@ type Command struct {
 	Replica   *Replica          `json:"replica,omitempty"`
 	Grants    []string          `json:"grants,omitempty"`
 	Down      []string          `json:"down,omitempty"`
+	State     routing.State     `json:"state,omitempty"`
+	Move      *routing.Move     `json:"move,omitempty"`
+	Handoff   *Handoff          `json:"handoff,omitempty"`
 	TTL       time.Duration     `json:"ttl,omitempty"`
 	Who       string            `json:"who"`
 	At        time.Time         `json:"at"`
@@ -147,7 +161,41 @@ type State struct {
 	Replicas []Replica
 	// Leases are the units' leases, by unit.
 	Leases []Lease
+	// Handoffs are the last handoffs, oldest first (at most maxHandoffs).
+	Handoffs []Handoff
 }
+
+// Handoff is one shard's move by the orchestrator.
+type Handoff struct {
+	ID    string `json:"id"`
+	Shard int    `json:"shard"`
+	// Kind is planned (an operator's move, a drill) or unplanned (its
+	// primary's unit was lost).
+	Kind string `json:"kind"`
+	From string `json:"from"`
+	To   string `json:"to"`
+	// FromEpoch is the shard's epoch when it began; Epoch the new one once
+	// done.
+	FromEpoch uint64 `json:"from_epoch"`
+	Epoch     uint64 `json:"epoch,omitempty"`
+	// Phase: draining, checking, done, blocked, aborted, failed.
+	Phase  string `json:"phase"`
+	Reason string `json:"reason,omitempty"`
+	// Started and Ended on the leader's clock; Detected, for an unplanned
+	// one, when gossip found the unit down.
+	Started  time.Time `json:"started"`
+	Detected time.Time `json:"detected,omitzero"`
+	Ended    time.Time `json:"ended,omitzero"`
+	// WritePauseSeconds: from draining to the new primary's map pushed.
+	WritePauseSeconds float64 `json:"write_pause_seconds,omitempty"`
+	// AcceptDataLoss: an operator overrode the check; Gap is how many
+	// entries the standby lacked (last committed seen minus its applied).
+	AcceptDataLoss bool   `json:"accept_data_loss,omitempty"`
+	Gap            uint64 `json:"gap,omitempty"`
+}
+
+// maxHandoffs bounds the handoff records kept in the state.
+const maxHandoffs = 500
 
 // fsm is the raft state machine. Apply runs on one goroutine (raft's);
 // readers use cur and actions.
@@ -280,6 +328,71 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 		}
 		n := with(cur.Map)
 		n.Endpoints = eps
+		return n, "", nil
+	case OpState:
+		if cur.Map == nil {
+			return nil, "", &RefusedError{Reason: "no topology yet"}
+		}
+		owner, err := cur.Map.Lookup(cmd.Shard)
+		if err != nil {
+			return nil, "", &RefusedError{Reason: err.Error()}
+		}
+		switch {
+		case owner.Epoch != cmd.Epoch:
+			return nil, "", &RefusedError{Reason: fmt.Sprintf("%s is at epoch %d, not %d: read it again", routing.ShardName(cmd.Shard), owner.Epoch, cmd.Epoch)}
+		case cmd.State != routing.StateServing && cmd.State != routing.StateDraining && cmd.State != routing.StateBlocked:
+			return nil, "", &RefusedError{Reason: fmt.Sprintf("state %q: want serving, draining or blocked", cmd.State)}
+		case owner.State == cmd.State:
+			return nil, "", nil
+		}
+		t := cur.Map.Topology()
+		t.Version++
+		for i := range t.Assignments {
+			if t.Assignments[i].Shard == cmd.Shard {
+				t.Assignments[i].State = cmd.State
+			}
+		}
+		m, err := routing.Compile(t)
+		if err != nil {
+			return nil, "", &RefusedError{Reason: err.Error()}
+		}
+		return with(m), fmt.Sprintf("%s %s at epoch %d", routing.ShardName(cmd.Shard), cmd.State, cmd.Epoch), nil
+	case OpPlanMove:
+		if cur.Map == nil || cmd.Move == nil {
+			return nil, "", &RefusedError{Reason: "plan-move needs a topology and a move"}
+		}
+		mv := *cmd.Move
+		if _, ok := cur.Map.Unit(mv.To); !ok {
+			return nil, "", &RefusedError{Reason: fmt.Sprintf("unit %q is not in topology version %d", mv.To, cur.Map.Version())}
+		}
+		t, err := cur.Map.Apply(&routing.Plan{Version: cur.Map.Version(), Moves: []routing.Move{mv}})
+		if err != nil {
+			return nil, "", &RefusedError{Reason: err.Error()}
+		}
+		for i := range t.Assignments {
+			if t.Assignments[i].Shard == mv.Shard {
+				t.Assignments[i].State = routing.StateServing
+			}
+		}
+		m, err := routing.Compile(t)
+		if err != nil {
+			return nil, "", &RefusedError{Reason: err.Error()}
+		}
+		what := fmt.Sprintf("%s standbys %v", routing.ShardName(mv.Shard), mv.Standbys)
+		if mv.PrimaryChange() {
+			what = fmt.Sprintf("move %s from %s to %s, epoch %d", routing.ShardName(mv.Shard), mv.From, mv.To, mv.FromEpoch+1)
+		}
+		return with(m), what, nil
+	case OpHandoff:
+		if cmd.Handoff == nil || cmd.Handoff.ID == "" {
+			return nil, "", &RefusedError{Reason: "handoff record without an id"}
+		}
+		n := with(cur.Map)
+		n.Handoffs = slices.DeleteFunc(slices.Clone(cur.Handoffs), func(h Handoff) bool { return h.ID == cmd.Handoff.ID })
+		n.Handoffs = append(n.Handoffs, *cmd.Handoff)
+		if len(n.Handoffs) > maxHandoffs {
+			n.Handoffs = n.Handoffs[len(n.Handoffs)-maxHandoffs:]
+		}
 		return n, "", nil
 	case OpGrant:
 		if cur.Map == nil || cmd.TTL <= 0 {
@@ -422,12 +535,13 @@ type snapshotState struct {
 	Endpoints []Registration    `json:"endpoints"`
 	Replicas  []Replica         `json:"replicas"`
 	Leases    []Lease           `json:"leases"`
+	Handoffs  []Handoff         `json:"handoffs,omitempty"`
 	Actions   []Action          `json:"actions"`
 }
 
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	cur := f.cur.Load()
-	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Leases: cur.Leases, Actions: f.actions()}
+	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Leases: cur.Leases, Handoffs: cur.Handoffs, Actions: f.actions()}
 	if cur.Map != nil {
 		st.Topology = cur.Map.Topology()
 	}
@@ -440,7 +554,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if err := json.NewDecoder(rc).Decode(&st); err != nil {
 		return fmt.Errorf("decode snapshot: %w", err)
 	}
-	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas, Leases: st.Leases}
+	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas, Leases: st.Leases, Handoffs: st.Handoffs}
 	if st.Topology != nil {
 		var err error
 		if n.Map, err = routing.Compile(st.Topology); err != nil {

@@ -310,3 +310,53 @@ func TestEndpointHealth(t *testing.T) {
 		t.Fatalf("health with none down left %v down", d)
 	}
 }
+
+// The orchestrator's commands: a state change and a plan move are epoch
+// compare-and-sets; a refused one changes nothing; handoff records are
+// kept by ID.
+func TestHandoffCommands(t *testing.T) {
+	s := open(t, Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true})
+	waitFor(t, "leadership", s.IsLeader)
+	ctx := context.Background()
+	c := cmd(OpSetTopology)
+	c.Topology = topology(t)
+	if _, err := s.Apply(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	var re *RefusedError
+	st := cmd(OpState)
+	st.Shard, st.Epoch, st.State = 7, 9, routing.StateDraining
+	if _, err := s.Apply(ctx, st); !errors.As(err, &re) || !strings.Contains(err.Error(), "not 9") {
+		t.Fatalf("draining at a stale epoch: %v", err)
+	}
+	st.Epoch = 1
+	if _, err := s.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := s.Map().Lookup(7); o.State != routing.StateDraining {
+		t.Fatalf("shard 7 is %s, want draining", o.State)
+	}
+	mv := cmd(OpPlanMove)
+	mv.Move = &routing.Move{Shard: 7, From: "us-east-1", To: "eu-west-1", FromEpoch: 2, Standbys: []string{"us-east-1"}}
+	if _, err := s.Apply(ctx, mv); !errors.As(err, &re) {
+		t.Fatalf("a plan move at a stale epoch: %v", err)
+	}
+	mv.Move.FromEpoch = 1
+	if _, err := s.Apply(ctx, mv); err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := s.Map().Lookup(7); o.Unit != "eu-west-1" || o.Epoch != 2 || o.State != routing.StateServing || len(o.Standbys) != 1 || o.Standbys[0] != "us-east-1" {
+		t.Fatalf("shard 7 after the move: %+v", o)
+	}
+	h := cmd(OpHandoff)
+	h.Handoff = &Handoff{ID: "h1", Shard: 7, Kind: "planned", Phase: "draining"}
+	for _, phase := range []string{"draining", "done"} {
+		h.Handoff.Phase = phase
+		if _, err := s.Apply(ctx, h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if hs := s.State().Handoffs; len(hs) != 1 || hs[0].Phase != "done" {
+		t.Fatalf("handoffs %+v", hs)
+	}
+}
