@@ -155,8 +155,22 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 		rh := sw.Header()
 		rh[hdrUnit] = []string{rt.unit}
 		rh[hdrRegion] = []string{rt.region}
-		if rt.fenced && s.refuseWithoutLease(sw, d.Write, routing.ShardName(rt.shard)) {
-			return
+		if rt.fenced {
+			owner, ok := s.holdDraining(sw, r, rt, rt.shard, d.Write)
+			if !ok {
+				return
+			}
+			if owner != nil {
+				// Handed off while held: the write goes to the new owner.
+				rt.unit, rt.region, rt.epoch = owner.Unit, owner.Region, owner.Epoch
+				delete(rh, hdrUnit)
+				delete(rh, hdrRegion)
+				s.outProxy.ServeHTTP(sw, r)
+				return
+			}
+			if s.refuseWithoutLease(sw, d.Write, routing.ShardName(rt.shard)) {
+				return
+			}
 		}
 		s.localProxy.ServeHTTP(sw, r)
 		return

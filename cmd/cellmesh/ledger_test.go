@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -554,4 +555,64 @@ func TestLedgerProof(t *testing.T) {
 		}
 	}
 	check("lagging standby blocked, then moved; final reads")
+}
+
+// TestLedgerHandoffBench measures planned handoffs under load (bench/
+// handoff.sh runs it; skipped otherwise): the write pause of each move
+// (draining to the new primary's map published), p50 and p99, and the
+// client-visible errors while they run.
+func TestLedgerHandoffBench(t *testing.T) {
+	moves, _ := strconv.Atoi(os.Getenv("CELLMESH_BENCH_HANDOFFS"))
+	if moves == 0 {
+		t.Skip("a benchmark: bench/handoff.sh runs it (CELLMESH_BENCH_HANDOFFS=N)")
+	}
+	lm := startLedgerMesh(t)
+	h := &history{ops: map[string][]porcupine.Operation{}}
+	var accounts []string
+	for s := range 60 {
+		accounts = append(accounts, strconv.Itoa(2088000000000+s))
+	}
+	start := time.Now()
+	var seq atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, u := range lm.order {
+		c := &ledgerClient{id: i, outbound: lm.lunits[u].outbound, h: h, accounts: accounts, start: start, http: &http.Client{Timeout: 10 * time.Second}}
+		wg.Add(1)
+		go func() { defer wg.Done(); c.run(stop, &seq) }()
+	}
+	lm.waitUntil("load", 30*time.Second, func() bool { return h.acked.Load() > 200 })
+	errs0, acked0 := h.errors.Load(), h.acked.Load()
+	var pauses []float64
+	leader := lm.leader(lm.replicas...)
+	for i := range moves {
+		shard := (i * 7) % 60
+		var cur struct {
+			Unit     string
+			Standbys []string
+		}
+		lm.api(leader, "GET", "/v1/shards/"+strconv.Itoa(shard), "", &cur)
+		var res struct {
+			Handoff struct {
+				WritePauseSeconds float64 `json:"write_pause_seconds"`
+			}
+		}
+		code, body := lm.api(leader, "POST", "/v1/shards/"+strconv.Itoa(shard)+"/move", `{"to":"`+cur.Standbys[0]+`"}`, &res)
+		if code != 200 {
+			t.Fatalf("move %d of shard %d to %s: %d %s", i, shard, cur.Standbys[0], code, body)
+		}
+		pauses = append(pauses, res.Handoff.WritePauseSeconds)
+		time.Sleep(200 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	slices.Sort(pauses)
+	q := func(f float64) float64 { return pauses[min(len(pauses)-1, int(f*float64(len(pauses))))] }
+	t.Logf("%d planned handoffs under load: write pause p50 %.0f ms, p99 %.0f ms, max %.0f ms; %d client-visible errors, %d writes acknowledged meanwhile",
+		len(pauses), 1000*q(0.5), 1000*q(0.99), 1000*pauses[len(pauses)-1], h.errors.Load()-errs0, h.acked.Load()-acked0)
+	for acct, ops := range h.ops {
+		if porcupine.CheckOperationsTimeout(accountModel, ops, 30*time.Second) == porcupine.Illegal {
+			t.Fatalf("account %s's history is not linearizable", acct)
+		}
+	}
 }
