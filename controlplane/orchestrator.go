@@ -55,28 +55,80 @@ func newOrchestrator(r *Replica) *orchestrator {
 		down: map[string]time.Time{}, blocked: map[int]string{}}
 }
 
+// run polls the watermarks and looks for lost units, on two goroutines
+// (a slow poll must not delay a failover), until ctx ends.
 func (o *orchestrator) run(ctx context.Context) {
-	poll := time.NewTicker(pollEvery)
-	defer poll.Stop()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		poll := time.NewTicker(pollEvery)
+		defer poll.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-poll.C:
+				if o.r.store.IsLeader() && len(o.r.cfg.HandoffServices) > 0 {
+					o.poll(ctx)
+				}
+			}
+		}
+	}()
+	defer wg.Wait()
 	fail := time.NewTicker(failoverEvery)
 	defer fail.Stop()
+	leader := false
+	var reconciled time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-poll.C:
-			if o.r.store.IsLeader() && len(o.r.cfg.HandoffServices) > 0 {
-				o.poll(ctx)
-			}
 		case <-fail.C:
-			if o.r.store.IsLeader() {
-				o.failover(ctx)
-			} else {
+		}
+		if !o.r.store.IsLeader() {
+			if leader {
+				// Another leader decides now, from its own reports.
 				o.mu.Lock()
 				clear(o.down)
 				clear(o.blocked)
+				clear(o.reports)
 				o.mu.Unlock()
 			}
+			leader = false
+			continue
+		}
+		if !leader || time.Since(reconciled) > 5*time.Second {
+			o.reconcile(ctx)
+			reconciled = time.Now()
+		}
+		leader = true
+		o.failover(ctx)
+	}
+}
+
+// reconcile puts back to serving every draining shard with no handoff
+// running here: one a lost leader left half done (its move was never
+// committed, so its old owner still owns it).
+func (o *orchestrator) reconcile(ctx context.Context) {
+	m := o.r.store.Map()
+	if m == nil {
+		return
+	}
+	for _, a := range m.Topology().Assignments {
+		if a.State != routing.StateDraining {
+			continue
+		}
+		o.mu.Lock()
+		busy := o.busy[a.Shard]
+		o.mu.Unlock()
+		if busy {
+			continue
+		}
+		if _, err := o.r.store.Apply(ctx, store.Command{Op: store.OpState, Shard: a.Shard, Epoch: a.Epoch, State: routing.StateServing, Who: "orchestrator " + o.r.cfg.ID + " (a handoff left unfinished by an earlier leader)", At: time.Now().UTC()}); err != nil {
+			o.r.log.Warn("a draining shard with no handoff running not put back to serving", "shard", a.Shard, "error", err)
+		} else {
+			o.r.log.Warn("a shard left draining by an earlier leader serves again from its primary", "shard", a.Shard, "unit", a.Primary)
 		}
 	}
 }
@@ -304,21 +356,28 @@ func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routin
 	o.mu.Lock()
 	detected := o.down[mv.From]
 	o.mu.Unlock()
-	// I2: the standby's last report proves it holds every acknowledged
-	// write, for every handoff service.
+	// I2: the standby the primary replicated to (its first) proves, in a
+	// report read now, that it holds every acknowledged write, for every
+	// handoff service.
 	var gap uint64
 	var why []string
+	if len(o.r.cfg.HandoffServices) > 0 && (len(owner.Standbys) == 0 || owner.Standbys[0] != mv.To) {
+		why = append(why, fmt.Sprintf("the plan's target %s is not the shard's first standby %v, which the primary replicated to", mv.To, owner.Standbys))
+	}
 	for _, svc := range o.r.cfg.HandoffServices {
-		sr, _, ok := o.lastReport(mv.To, svc, mv.Shard)
-		if !ok {
-			why = append(why, fmt.Sprintf("%s in %s has not reported its watermarks", svc, mv.To))
+		if len(why) > 0 {
+			break
+		}
+		sr, err := o.freshReport(ctx, mv.To, svc, mv.Shard)
+		if err != nil {
+			why = append(why, fmt.Sprintf("%s in %s did not report its watermarks: %v", svc, mv.To, err))
 			continue
 		}
 		var lp *failover.Report
 		if pr, _, ok := o.lastReport(mv.From, svc, mv.Shard); ok {
 			lp = &pr
 		}
-		if err := failover.CheckUnplanned(sr, lp); err != nil {
+		if err := failover.CheckUnplanned(mv.FromEpoch, sr, lp); err != nil {
 			var be *failover.BlockedError
 			errors.As(err, &be)
 			why = append(why, svc+": "+be.Reason)
@@ -331,7 +390,7 @@ func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routin
 	}
 	h := store.Handoff{ID: newHandoffID(), Shard: mv.Shard, Kind: "unplanned", From: mv.From, To: mv.To, FromEpoch: mv.FromEpoch,
 		Phase: "committing", Started: now.UTC(), Detected: detected.UTC()}
-	if _, err := o.r.store.Apply(ctx, store.Command{Op: store.OpPlanMove, Move: &mv, Who: "orchestrator " + o.r.cfg.ID + " (unit " + mv.From + " lost)", At: now.UTC()}); err != nil {
+	if _, err := o.r.store.Apply(ctx, store.Command{Op: store.OpPlanMove, Move: &mv, LeaseMargin: leaseSkewMargin, Who: "orchestrator " + o.r.cfg.ID + " (unit " + mv.From + " lost)", At: time.Now().UTC()}); err != nil {
 		o.r.log.Warn("failover of a shard not committed; retrying", "shard", mv.Shard, "to", mv.To, "error", err)
 		return true
 	}

@@ -56,18 +56,27 @@ func CheckPlanned(epoch uint64, primary, standby Report) error {
 	return nil
 }
 
-// CheckUnplanned is the unplanned failover's check on the standby's last
-// report: it says it is in sync with the lost primary and has applied all
-// it received. lastPrimary, when known, is the primary's last report: a
-// standby behind what it committed is not in sync, whatever it says.
-func CheckUnplanned(standby Report, lastPrimary *Report) error {
+// CheckUnplanned is the unplanned failover's check on the standby's
+// report: it is the standby of the shard at the lost primary's epoch, it
+// says it is in sync with that primary and has applied all it received.
+// lastPrimary, when known, is the primary's last report: a standby behind
+// what it committed is not in sync, whatever it says. A standby with no
+// record of the shard passes only when the primary is known to have
+// committed nothing (a wiped standby looks the same as a fresh one).
+func CheckUnplanned(epoch uint64, standby Report, lastPrimary *Report) error {
 	var gap uint64
 	if lastPrimary != nil && lastPrimary.Committed > standby.Applied {
 		gap = lastPrimary.Committed - standby.Applied
 	}
+	if standby.Role == "" && standby.Received == 0 {
+		if lastPrimary != nil && lastPrimary.Committed == 0 {
+			return nil // the shard never held data: nothing to lose
+		}
+		return &BlockedError{Reason: "the standby holds no record of the shard and the primary's last watermark is unknown", Gap: gap}
+	}
 	switch {
-	case standby.Role == "" && standby.Received == 0 && (lastPrimary == nil || lastPrimary.Committed == 0):
-		return nil // the shard never held data: nothing to lose
+	case standby.Epoch != epoch || standby.Role != "standby":
+		return &BlockedError{Reason: fmt.Sprintf("the standby is %s at epoch %d, not the standby at the lost primary's epoch %d", standby.Role, standby.Epoch, epoch), Gap: gap}
 	case !standby.Sync:
 		return &BlockedError{Reason: fmt.Sprintf("the standby's last report says it is not in sync (received %d, the primary's committed %d as it knew it)", standby.Received, standby.Committed), Gap: gap}
 	case standby.Applied != standby.Received:

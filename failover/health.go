@@ -31,7 +31,9 @@ const (
 // The zero value of a field means its default.
 type HealthConfig struct {
 	// Grace is how long every member of a unit must be gone (dead or
-	// left) before the unit is down. Default 1s.
+	// left) before the unit is down. Default 500ms: gossip has already
+	// waited out its suspicion before it declares a member dead; the grace
+	// only keeps a unit whose members all restart at once from flapping.
 	Grace time.Duration
 	// HoldDown damps flapping: a member that died and came back counts as
 	// up again only after it has stayed alive this long, doubled for each
@@ -51,7 +53,7 @@ func (c HealthConfig) withDefaults() HealthConfig {
 			*d = v
 		}
 	}
-	def(&c.Grace, time.Second)
+	def(&c.Grace, 500*time.Millisecond)
 	def(&c.HoldDown, 2*time.Second)
 	def(&c.FlapWindow, 2*time.Minute)
 	def(&c.MaxHoldDown, time.Minute)
@@ -235,9 +237,15 @@ func (h *Health) Tick(now time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for name, rec := range h.members {
-		if !rec.m.up() && now.Sub(rec.m.Since) > h.cfg.Forget {
-			delete(h.members, name)
+		if rec.m.up() || now.Sub(rec.m.Since) <= h.cfg.Forget {
+			continue
 		}
+		if u := h.unitSt[rec.m.Meta.Unit]; u != nil && u.state == StateDown && rec.m.Meta.Role == RoleSidecar {
+			// The unit's last word: forgetting it would make a lost unit
+			// "unknown" again (and its endpoints up, its lease renewed).
+			continue
+		}
+		delete(h.members, name)
 	}
 	h.evaluate(now)
 }

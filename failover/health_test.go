@@ -144,12 +144,20 @@ func TestHealthForgetsAndDropsUnits(t *testing.T) {
 		t.Fatalf("dead member forgotten too early: %+v", v.Members)
 	}
 	h.Tick(at(2 * time.Minute))
-	if v := h.View(); len(v.Members) != 0 {
-		t.Fatalf("dead member kept past Forget: %+v", v.Members)
+	if v := h.View(); len(v.Members) != 1 {
+		t.Fatalf("the last member of a down unit forgotten: %+v", v.Members)
 	}
-	wantUnit(t, h, "us-1", StateUnknown)
+	wantUnit(t, h, "us-1", StateDown) // a lost unit stays down
+	// A member of a unit that is not down is forgotten.
+	h.Observe(at(3*time.Minute), sidecar("b", "eu", "eu-1", MemberAlive))
+	h.Observe(at(3*time.Minute), sidecar("c", "eu", "eu-1", MemberAlive))
+	h.Observe(at(3*time.Minute+time.Second), sidecar("c", "eu", "eu-1", MemberLeft))
+	h.Tick(at(5 * time.Minute))
+	if v := h.View(); len(v.Members) != 2 {
+		t.Fatalf("members after forgetting: %+v", v.Members)
+	}
 	// A unit the topology drops leaves the view.
-	h.SetUnits(at(3*time.Minute), map[string]string{"eu-1": "eu"})
+	h.SetUnits(at(6*time.Minute), map[string]string{"eu-1": "eu"})
 	if v := h.View(); len(v.Units) != 1 || len(v.Regions) != 1 {
 		t.Fatalf("after the topology change: units %+v regions %+v", v.Units, v.Regions)
 	}

@@ -270,3 +270,41 @@ func TestStreamIdleCutsStalledUpload(t *testing.T) {
 		return true
 	}, "no request in flight to any endpoint")
 }
+
+// The handoff contract through a sidecar: a control-plane replica may call
+// it (and nothing else); no workload may promote, demote or read the
+// watermarks; the rest of the contract's prefix (a service's replication
+// between its units) is for the same service only.
+func TestContractCallers(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	cp := m.peerClient(t, meshtls.ID{TrustDomain: trustDomain, Region: "us-east", Unit: "cp-us", Service: meshtls.ControlPlaneService})
+	echoPeer := m.peerClient(t, meshtls.ID{TrustDomain: trustDomain, Region: "us-east", Unit: "us-east-2", Service: "echo"})
+	other := m.peerClient(t, meshtls.ID{TrustDomain: trustDomain, Region: "us-east", Unit: "us-east-2", Service: "batch"})
+	at := "https://" + m.nodes["eu-west-1"].addrs.InboundQUIC
+	for _, tc := range []struct {
+		name   string
+		c      *http.Client
+		method string
+		path   string
+		code   int
+	}{
+		{"control plane reads the watermarks", cp, "GET", "/.well-known/cellmesh/replication", 200},
+		{"control plane promotes", cp, "POST", "/.well-known/cellmesh/promote?shard=7&epoch=2", 200},
+		{"control plane elsewhere", cp, "GET", "/accounts/7", 403},
+		{"a workload promotes", echoPeer, "POST", "/.well-known/cellmesh/promote?shard=7&epoch=99", 403},
+		{"a workload reads the watermarks", other, "GET", "/.well-known/cellmesh/replication", 403},
+		{"another service replicates", other, "POST", "/.well-known/cellmesh/replicate", 403},
+		{"the same service replicates", echoPeer, "POST", "/.well-known/cellmesh/replicate", 200},
+	} {
+		req, _ := http.NewRequest(tc.method, at+tc.path, strings.NewReader("{}"))
+		req.Host = "echo"
+		req.Header.Set("x-cellmesh-target-unit", "eu-west-1")
+		resp, body := do(t, tc.c, req)
+		if resp.StatusCode != tc.code {
+			t.Errorf("%s: %d %s, want %d", tc.name, resp.StatusCode, body, tc.code)
+		}
+		if tc.code == 403 && resp.Header.Get("x-cellmesh-error") != "not-contract" {
+			t.Errorf("%s: x-cellmesh-error %q", tc.name, resp.Header.Get("x-cellmesh-error"))
+		}
+	}
+}

@@ -69,6 +69,19 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 		s.appProxy.ServeHTTP(sw, r)
 		return
 	}
+	if rest, ok := strings.CutPrefix(r.URL.Path, contractPrefix); ok {
+		// The handoff contract's calls are the control plane's; the rest
+		// of the prefix (a service's replication between its units) is
+		// the service's own.
+		switch {
+		case rest == "promote" || rest == "demote" || rest == "replication":
+			answer(sw, http.StatusForbidden, "not-contract", fmt.Sprintf("%s%s is the control plane's call; %s may not make it", contractPrefix, rest, peer))
+			return
+		case peer.Service != id.Service:
+			answer(sw, http.StatusForbidden, "not-contract", fmt.Sprintf("%s... is for the units of service %s; %s may not call it", contractPrefix, id.Service, peer))
+			return
+		}
+	}
 	if svc := h.Get(hdrService); svc != "" && svc != id.Service {
 		s.m.misrouted.WithLabelValues("refused").Inc()
 		answer(sw, http.StatusMisdirectedRequest, "wrong-service", fmt.Sprintf("this sidecar fronts service %s of unit %s, not %s", id.Service, id.Unit, svc))

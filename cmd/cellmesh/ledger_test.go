@@ -206,6 +206,49 @@ func (lm *ledgerMesh) liveReplicas() []*cpProc {
 	return out
 }
 
+// checkLeaseWait checks I3 on the record: every unplanned handoff away
+// from unit committed only after the unit's last lease had ended, plus
+// the sidecars' skew margin, on the leader's clock.
+func (lm *ledgerMesh) checkLeaseWait(t *testing.T, unit string) {
+	t.Helper()
+	live := lm.liveReplicas()
+	var hs struct {
+		Handoffs []struct {
+			Shard      int
+			Kind, From string
+			Phase      string
+			Started    time.Time
+		}
+	}
+	var mem struct {
+		Leases []struct {
+			Unit   string
+			EndsAt time.Time `json:"ends_at"`
+		}
+	}
+	lm.api(live[0], "GET", "/v1/handoffs", "", &hs)
+	lm.api(live[0], "GET", "/v1/members", "", &mem)
+	var ends time.Time
+	for _, l := range mem.Leases {
+		if l.Unit == unit {
+			ends = l.EndsAt
+		}
+	}
+	n := 0
+	for _, h := range hs.Handoffs {
+		if h.Kind != "unplanned" || h.From != unit || h.Phase != "done" {
+			continue
+		}
+		n++
+		if ends.IsZero() || h.Started.Before(ends.Add(500*time.Millisecond)) {
+			t.Fatalf("I3: shard %d left %s at %s, before its lease ended (%s) plus the margin", h.Shard, unit, h.Started.Format(time.RFC3339Nano), ends.Format(time.RFC3339Nano))
+		}
+	}
+	if n == 0 {
+		t.Fatalf("no unplanned handoff recorded away from %s", unit)
+	}
+}
+
 // An operation of the history, by account.
 type acctInput struct {
 	Kind   string // deposit, debit, credit, read
@@ -243,20 +286,89 @@ var accountModel = porcupine.Model{
 	},
 }
 
-// history records the operations of the clients, per account.
+// history records the operations of the clients, per account. A write in
+// flight is in the history as one that may or may not have happened (no
+// answer yet): a check while clients run sees it so.
 type history struct {
 	mu       sync.Mutex
 	ops      map[string][]porcupine.Operation
+	inflight map[int64][]acctOp
+	next     int64
 	acked    atomic.Int64 // writes acknowledged
 	attempts atomic.Int64
 	errors   atomic.Int64 // attempts that failed (client-visible errors)
 	pending  atomic.Int64 // writes never acknowledged
+	kinds    sync.Map     // error kind -> *atomic.Int64
+}
+
+func (h *history) failed(kind string) {
+	h.errors.Add(1)
+	n, _ := h.kinds.LoadOrStore(kind, new(atomic.Int64))
+	n.(*atomic.Int64).Add(1)
+}
+
+// errorKinds says how many attempts failed, by kind, and resets the count.
+func (h *history) errorKinds() string {
+	var parts []string
+	h.kinds.Range(func(k, v any) bool {
+		parts = append(parts, fmt.Sprintf("%s x%d", k, v.(*atomic.Int64).Swap(0)))
+		return true
+	})
+	slices.Sort(parts)
+	return strings.Join(parts, ", ")
+}
+
+// acctOp is an operation on an account.
+type acctOp struct {
+	acct string
+	op   porcupine.Operation
 }
 
 func (h *history) add(acct string, op porcupine.Operation) {
 	h.mu.Lock()
 	h.ops[acct] = append(h.ops[acct], op)
 	h.mu.Unlock()
+}
+
+// begin records writes in flight; complete replaces them with what came
+// of them, at once.
+func (h *history) begin(ops ...acctOp) int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.inflight == nil {
+		h.inflight = map[int64][]acctOp{}
+	}
+	h.next++
+	h.inflight[h.next] = ops
+	return h.next
+}
+
+func (h *history) complete(id int64, ops ...acctOp) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.inflight, id)
+	for _, o := range ops {
+		h.ops[o.acct] = append(h.ops[o.acct], o.op)
+	}
+}
+
+// snapshot is the history now, writes in flight as never answered. The
+// caller holds h.mu.
+func (h *history) snapshot() map[string][]porcupine.Operation {
+	out := map[string][]porcupine.Operation{}
+	for a, ops := range h.ops {
+		out[a] = slices.Clone(ops)
+	}
+	for _, ops := range h.inflight {
+		for _, o := range ops {
+			op := o.op
+			in := op.Input.(acctInput)
+			in.Unknown = true
+			op.Input, op.Output, op.Return = in, acctOutput{}, math.MaxInt64
+			out[o.acct] = append(out[o.acct], op)
+		}
+	}
+	return out
 }
 
 // client sends operations through one unit's sidecar until stop.
@@ -296,8 +408,14 @@ func (c *ledgerClient) do(method, path, uid, key string, body any, retryFor time
 			if resp.StatusCode == 200 && json.Unmarshal(raw, &out) == nil {
 				return out, true
 			}
+			kind := resp.Header.Get("x-cellmesh-error")
+			if kind == "" {
+				kind = "ledger"
+			}
+			c.h.failed(fmt.Sprintf("%s %d %s", method, resp.StatusCode, kind))
+		} else {
+			c.h.failed(method + " transport")
 		}
-		c.h.errors.Add(1)
 		if time.Now().After(deadline) {
 			return nil, false
 		}
@@ -324,16 +442,20 @@ func (c *ledgerClient) run(stop <-chan struct{}, seq *atomic.Int64) {
 			}
 		case n < 7:
 			amt := int64(1 + r.IntN(10))
+			in := acctInput{Kind: "deposit", Amount: amt}
+			id := c.h.begin(acctOp{a, porcupine.Operation{ClientId: c.id, Call: call, Input: in}})
 			out, ok := c.do("POST", "/accounts/"+a+"/deposit", a, key, map[string]any{"amount": amt}, 15*time.Second)
-			c.record(a, call, acctInput{Kind: "deposit", Amount: amt}, out, ok)
+			c.h.complete(id, c.result(a, call, in, out, ok))
 		default:
 			to := c.accounts[r.IntN(len(c.accounts))]
 			if to == a {
 				continue
 			}
 			amt := int64(1 + r.IntN(20))
+			debit, credit := acctInput{Kind: "debit", Amount: amt}, acctInput{Kind: "credit", Amount: amt, Unknown: true}
+			id := c.h.begin(acctOp{a, porcupine.Operation{ClientId: c.id, Call: call, Input: debit}}, acctOp{to, porcupine.Operation{ClientId: c.id, Call: call, Input: credit}})
 			out, ok := c.do("POST", "/accounts/"+a+"/transfer", a, key, map[string]any{"to": to, "amount": amt}, 15*time.Second)
-			c.record(a, call, acctInput{Kind: "debit", Amount: amt}, out, ok)
+			done := []acctOp{c.result(a, call, debit, out, ok)}
 			// The credit happened within the transfer when it succeeded
 			// and was not refused; unknown otherwise.
 			if !ok || out["ok"].(bool) {
@@ -341,21 +463,28 @@ func (c *ledgerClient) run(stop <-chan struct{}, seq *atomic.Int64) {
 				if !ok {
 					ret = math.MaxInt64
 				}
-				c.h.add(to, porcupine.Operation{ClientId: c.id, Call: call, Return: ret, Input: acctInput{Kind: "credit", Amount: amt, Unknown: true}, Output: acctOutput{}})
+				done = append(done, acctOp{to, porcupine.Operation{ClientId: c.id, Call: call, Return: ret, Input: credit, Output: acctOutput{}}})
 			}
+			c.h.complete(id, done...)
 		}
 	}
 }
 
-func (c *ledgerClient) record(acct string, call int64, in acctInput, out map[string]any, ok bool) {
+// result is what came of a write: never answered, or its answer.
+func (c *ledgerClient) result(acct string, call int64, in acctInput, out map[string]any, ok bool) acctOp {
 	if !ok {
 		c.h.pending.Add(1)
 		in.Unknown = true
-		c.h.add(acct, porcupine.Operation{ClientId: c.id, Call: call, Return: math.MaxInt64, Input: in, Output: acctOutput{}})
-		return
+		return acctOp{acct, porcupine.Operation{ClientId: c.id, Call: call, Return: math.MaxInt64, Input: in, Output: acctOutput{}}}
 	}
 	c.h.acked.Add(1)
-	c.h.add(acct, porcupine.Operation{ClientId: c.id, Call: call, Return: c.now(), Input: in, Output: acctOutput{OK: out["ok"].(bool), Balance: int64(out["balance"].(float64))}})
+	return acctOp{acct, porcupine.Operation{ClientId: c.id, Call: call, Return: c.now(), Input: in, Output: acctOutput{OK: out["ok"].(bool), Balance: int64(out["balance"].(float64))}}}
+}
+
+// record adds a write that was not in flight for others to see.
+func (c *ledgerClient) record(acct string, call int64, in acctInput, out map[string]any, ok bool) {
+	o := c.result(acct, call, in, out, ok)
+	c.h.add(o.acct, o.op)
 }
 
 // The proof: real processes, concurrent clients with recorded call and
@@ -399,8 +528,9 @@ func TestLedgerProof(t *testing.T) {
 	check := func(scenario string) {
 		t.Helper()
 		h.mu.Lock()
-		defer h.mu.Unlock()
-		for acct, ops := range h.ops {
+		snap := h.snapshot()
+		h.mu.Unlock()
+		for acct, ops := range snap {
 			res, info := porcupine.CheckOperationsVerbose(accountModel, ops, 30*time.Second)
 			if res == porcupine.Illegal {
 				path := filepath.Join(t.TempDir(), "history-"+acct+".html")
@@ -408,14 +538,24 @@ func TestLedgerProof(t *testing.T) {
 					_ = porcupine.Visualize(accountModel, info, f)
 					f.Close()
 				}
-				t.Fatalf("%s: account %s's history (%d operations) is not linearizable: an acknowledged write is lost or a read saw what never was; see %s\n%s",
-					scenario, acct, len(ops), path, lm.logs())
+				sorted := slices.Clone(ops)
+				slices.SortFunc(sorted, func(a, b porcupine.Operation) int { return int(a.Call - b.Call) })
+				var lines []string
+				for _, op := range sorted {
+					ret := "never"
+					if op.Return != math.MaxInt64 {
+						ret = time.Duration(op.Return).String()
+					}
+					lines = append(lines, fmt.Sprintf("  client %d %s..%s %s", op.ClientId, time.Duration(op.Call), ret, accountModel.DescribeOperation(op.Input, op.Output)))
+				}
+				t.Fatalf("%s: account %s's history (%d operations) is not linearizable: an acknowledged write is lost or a read saw what never was; see %s\n%s\n%s",
+					scenario, acct, len(ops), path, strings.Join(lines, "\n"), lm.logs())
 			}
 			if res == porcupine.Unknown {
 				t.Logf("%s: account %s's history could not be checked in 30s", scenario, acct)
 			}
 		}
-		t.Logf("%s: linearizable; %d writes acknowledged, %d never answered, %d of %d attempts failed", scenario, h.acked.Load(), h.pending.Load(), h.errors.Load(), h.attempts.Load())
+		t.Logf("%s: linearizable; %d writes acknowledged, %d never answered, %d of %d attempts failed (%s)", scenario, h.acked.Load(), h.pending.Load(), h.errors.Load(), h.attempts.Load(), h.errorKinds())
 	}
 	// moved waits until no shard has its primary on a dead unit.
 	movedOff := func(what string, dead ...string) time.Duration {
@@ -455,15 +595,18 @@ func TestLedgerProof(t *testing.T) {
 	lm.waitUntil("load", 30*time.Second, func() bool { return h.acked.Load() > 100 })
 	check("warm-up")
 
-	// Scenario 1: a unit lost.
+	// Scenario 1: a unit lost. Its own client goes with it: the errors
+	// counted are those of the clients in the units that live on.
+	stopClients()
+	startClients([]string{"us-2", "eu-1", "eu-2", "ap-1", "ap-2"})
+	h.errorKinds()
 	errs0 := h.errors.Load()
 	killed := time.Now()
 	lm.kill("us-1")
 	d := movedOff("us-1's shards failed over", "us-1")
-	t.Logf("unit us-1 SIGKILLed: detected after %s, every shard failed over %s after the kill, %d client-visible errors", detected("us-1", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
+	t.Logf("unit us-1 SIGKILLed: detected after %s, every shard failed over %s after the kill, %d failed attempts by the clients of the other units so far", detected("us-1", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
 	_ = d
-	stopClients()
-	startClients([]string{"us-2", "eu-1", "eu-2", "ap-1", "ap-2"})
+	lm.checkLeaseWait(t, "us-1")
 	acked0 := h.acked.Load()
 	time.Sleep(2 * time.Second) // traffic on the new primaries
 	t.Logf("after us-1's failover: %d writes acknowledged in 2s", h.acked.Load()-acked0)
@@ -472,6 +615,7 @@ func TestLedgerProof(t *testing.T) {
 	// Scenario 2: a region lost (its units and its control-plane replica).
 	stopClients()
 	startClients([]string{"us-2", "ap-1", "ap-2"})
+	h.errorKinds()
 	errs0 = h.errors.Load()
 	killed = time.Now()
 	for _, r := range lm.replicas {
@@ -483,8 +627,10 @@ func TestLedgerProof(t *testing.T) {
 	lm.kill("eu-1")
 	lm.kill("eu-2")
 	movedOff("eu's shards failed over", "us-1", "eu-1", "eu-2")
-	t.Logf("region eu SIGKILLed: eu-1 detected after %s, eu-2 after %s, every shard failed over %s after the kill, %d client-visible errors",
+	t.Logf("region eu SIGKILLed: eu-1 detected after %s, eu-2 after %s, every shard failed over %s after the kill, %d failed attempts by the clients of the other regions so far",
 		detected("eu-1", killed), detected("eu-2", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
+	lm.checkLeaseWait(t, "eu-1")
+	lm.checkLeaseWait(t, "eu-2")
 	acked0 = h.acked.Load()
 	time.Sleep(2 * time.Second)
 	t.Logf("after the region's failover: %d writes acknowledged in 2s", h.acked.Load()-acked0)
@@ -583,6 +729,7 @@ func TestLedgerHandoffBench(t *testing.T) {
 	}
 	lm.waitUntil("load", 30*time.Second, func() bool { return h.acked.Load() > 200 })
 	errs0, acked0 := h.errors.Load(), h.acked.Load()
+	h.errorKinds() // counted from here
 	var pauses []float64
 	leader := lm.leader(lm.replicas...)
 	for i := range moves {
@@ -608,8 +755,8 @@ func TestLedgerHandoffBench(t *testing.T) {
 	wg.Wait()
 	slices.Sort(pauses)
 	q := func(f float64) float64 { return pauses[min(len(pauses)-1, int(f*float64(len(pauses))))] }
-	t.Logf("%d planned handoffs under load: write pause p50 %.0f ms, p99 %.0f ms, max %.0f ms; %d client-visible errors, %d writes acknowledged meanwhile",
-		len(pauses), 1000*q(0.5), 1000*q(0.99), 1000*pauses[len(pauses)-1], h.errors.Load()-errs0, h.acked.Load()-acked0)
+	t.Logf("%d planned handoffs under load: write pause p50 %.0f ms, p99 %.0f ms, max %.0f ms; %d client-visible errors (%s), %d writes acknowledged meanwhile",
+		len(pauses), 1000*q(0.5), 1000*q(0.99), 1000*pauses[len(pauses)-1], h.errors.Load()-errs0, h.errorKinds(), h.acked.Load()-acked0)
 	for acct, ops := range h.ops {
 		if porcupine.CheckOperationsTimeout(accountModel, ops, 30*time.Second) == porcupine.Illegal {
 			t.Fatalf("account %s's history is not linearizable", acct)

@@ -124,9 +124,12 @@ type Command struct {
 	State     routing.State     `json:"state,omitempty"`
 	Move      *routing.Move     `json:"move,omitempty"`
 	Handoff   *Handoff          `json:"handoff,omitempty"`
-	TTL       time.Duration     `json:"ttl,omitempty"`
-	Who       string            `json:"who"`
-	At        time.Time         `json:"at"`
+	// LeaseMargin, on a plan-move that changes the primary, requires the
+	// old primary's lease to have ended LeaseMargin before At (I3).
+	LeaseMargin time.Duration `json:"lease_margin,omitempty"`
+	TTL         time.Duration `json:"ttl,omitempty"`
+	Who         string        `json:"who"`
+	At          time.Time     `json:"at"`
 }
 
 // Action is an applied command as the operator log keeps it.
@@ -362,6 +365,13 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 			return nil, "", &RefusedError{Reason: "plan-move needs a topology and a move"}
 		}
 		mv := *cmd.Move
+		if cmd.LeaseMargin > 0 && mv.PrimaryChange() {
+			for _, l := range cur.Leases {
+				if l.Unit == mv.From && cmd.At.Before(l.Ends().Add(cmd.LeaseMargin)) {
+					return nil, "", &RefusedError{Reason: fmt.Sprintf("unit %s's lease ends at %s, plus a margin of %s: %s moves after that", mv.From, l.Ends().Format(time.RFC3339Nano), cmd.LeaseMargin, routing.ShardName(mv.Shard))}
+				}
+			}
+		}
 		if _, ok := cur.Map.Unit(mv.To); !ok {
 			return nil, "", &RefusedError{Reason: fmt.Sprintf("unit %q is not in topology version %d", mv.To, cur.Map.Version())}
 		}

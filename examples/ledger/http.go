@@ -57,9 +57,11 @@ func failErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, errStaleEpoch):
 		fail(w, http.StatusConflict, "%v", err)
+	case errors.Is(err, errKeyReused):
+		fail(w, http.StatusUnprocessableEntity, "%v: use a new Idempotency-Key for a new operation", err)
 	case errors.Is(err, errNotReplicated):
 		w.Header().Set("Retry-After", "1")
-		fail(w, http.StatusServiceUnavailable, "%v: not applied; retry with the same Idempotency-Key", err)
+		fail(w, http.StatusServiceUnavailable, "%v: not acknowledged (it may still be applied with a later write); retry with the same Idempotency-Key", err)
 	default:
 		fail(w, http.StatusInternalServerError, "%v", err)
 	}
@@ -131,7 +133,7 @@ func (l *Ledger) postOp(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	defer func() { l.m.writeSeconds.WithLabelValues(kind).Observe(time.Since(start).Seconds()) }()
 	if kind != "transfer" {
-		res, err := l.write(r.Context(), shard, epoch, Op{ID: key, Kind: kind, User: user, Amount: body.Amount})
+		res, err := l.write(r.Context(), shard, epoch, Op{ID: user + "|" + key, Kind: kind, User: user, Amount: body.Amount})
 		if err != nil {
 			failErr(w, err)
 			return
@@ -143,7 +145,7 @@ func (l *Ledger) postOp(w http.ResponseWriter, r *http.Request) {
 	// unit through the mesh, both under keys derived from the transfer's,
 	// so a retry of the transfer completes it without applying either
 	// half twice.
-	res, err := l.write(r.Context(), shard, epoch, Op{ID: key + "/debit", Kind: "debit", User: user, Amount: body.Amount, To: body.To})
+	res, err := l.write(r.Context(), shard, epoch, Op{ID: user + "|" + key + "/debit", Kind: "debit", User: user, Amount: body.Amount, To: body.To})
 	if err != nil {
 		failErr(w, err)
 		return
@@ -152,7 +154,7 @@ func (l *Ledger) postOp(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, res)
 		return
 	}
-	if err := l.credit(r.Context(), body.To, body.Amount, key+"/credit"); err != nil {
+	if err := l.credit(r.Context(), body.To, body.Amount, user+"/"+key+"/credit"); err != nil {
 		w.Header().Set("Retry-After", "1")
 		fail(w, http.StatusBadGateway, "debited %s, but the credit to %s is not confirmed: %v; retry with the same Idempotency-Key to complete it", user, body.To, err)
 		return
@@ -220,7 +222,7 @@ func (l *Ledger) postRole(role string) http.HandlerFunc {
 			failErr(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, ShardReport{Shard: shard, Role: m.Role, Epoch: m.Epoch, Committed: m.Committed, Received: m.Received, Applied: m.Applied, Sync: m.Received >= m.Committed})
+		writeJSON(w, http.StatusOK, ShardReport{Shard: shard, Role: m.Role, Epoch: m.Epoch, Committed: m.Committed, Received: m.Received, Applied: m.Applied, Sync: m.sync()})
 	}
 }
 
@@ -241,6 +243,10 @@ func (l *Ledger) postReplicate(w http.ResponseWriter, r *http.Request) {
 // postApplyDelay sets the standby apply delay (?delay=500ms; 0 turns it
 // off): drills and tests make a standby lag with it.
 func (l *Ledger) postApplyDelay(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("x-cellmesh-origin-unit") != "" {
+		fail(w, http.StatusForbidden, "fault injection is for the local operator, not for calls through the mesh")
+		return
+	}
 	d, err := time.ParseDuration(r.URL.Query().Get("delay"))
 	if err != nil || d < 0 {
 		fail(w, http.StatusBadRequest, "want ?delay=DURATION (such as 500ms; 0 for none)")
@@ -251,7 +257,7 @@ func (l *Ledger) postApplyDelay(w http.ResponseWriter, r *http.Request) {
 		shards, _ := l.st.shards()
 		for s, m := range shards {
 			if m.Applied < m.Received {
-				go l.applyLater(s)
+				l.startApplier(s)
 			}
 		}
 	}

@@ -51,8 +51,9 @@ type Ledger struct {
 	locksMu sync.Mutex
 	locks   map[int]*sync.Mutex
 
-	standbys atomic.Pointer[map[int][]string] // shard -> standby units, from the sidecar's map
-	applyLag atomic.Int64                     // ApplyDelay, changeable at run time (nanoseconds)
+	view     atomic.Pointer[map[int]assignment] // the sidecar's map; nil before it was read
+	applyLag atomic.Int64                       // ApplyDelay, changeable at run time (nanoseconds)
+	applying sync.Map                           // shard -> true while applyLater runs for it
 }
 
 // New opens the ledger's data. Run serves.
@@ -86,8 +87,6 @@ func New(cfg Config) (*Ledger, error) {
 	}
 	l.applyLag.Store(int64(cfg.ApplyDelay))
 	l.m = newMetrics(cfg.Registry, l)
-	empty := map[int][]string{}
-	l.standbys.Store(&empty)
 	return l, nil
 }
 
@@ -121,7 +120,16 @@ func (l *Ledger) Run(ctx context.Context) {
 	}
 }
 
-// refreshMap reads each shard's standbys from the sidecar's /config.
+// assignment is a shard's owner as the sidecar's map says.
+type assignment struct {
+	Primary  string
+	Epoch    uint64
+	Standbys []string
+}
+
+// refreshMap reads the shard map from the sidecar's /config, and steps
+// down from the primary role of every shard the map gives another unit at
+// a newer epoch (a failover happened while this unit was away).
 func (l *Ledger) refreshMap(ctx context.Context) {
 	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+l.cfg.SidecarAdmin+"/config", nil)
 	resp, err := l.client.Do(req)
@@ -133,6 +141,8 @@ func (l *Ledger) refreshMap(ctx context.Context) {
 		Topology *struct {
 			Assignments []struct {
 				Shard    int      `json:"shard"`
+				Primary  string   `json:"primary"`
+				Epoch    uint64   `json:"epoch"`
 				Standbys []string `json:"standbys"`
 			} `json:"assignments"`
 		} `json:"topology"`
@@ -140,11 +150,22 @@ func (l *Ledger) refreshMap(ctx context.Context) {
 	if json.NewDecoder(resp.Body).Decode(&st) != nil || st.Topology == nil {
 		return
 	}
-	m := map[int][]string{}
+	m := map[int]assignment{}
 	for _, a := range st.Topology.Assignments {
-		m[a.Shard] = a.Standbys
+		m[a.Shard] = assignment{Primary: a.Primary, Epoch: a.Epoch, Standbys: a.Standbys}
 	}
-	l.standbys.Store(&m)
+	l.view.Store(&m)
+	shards, err := l.st.shards()
+	if err != nil {
+		return
+	}
+	for shard, meta := range shards {
+		if a, ok := m[shard]; ok && meta.Role == RolePrimary && a.Epoch > meta.Epoch && a.Primary != l.cfg.Unit {
+			if _, err := l.become(shard, RoleStandby, a.Epoch); err == nil {
+				l.log.Info("stepped down: the map gives the shard to another unit", "shard", shard, "owner", a.Primary, "epoch", a.Epoch)
+			}
+		}
+	}
 }
 
 // notifyStandbys tells each primary shard's standby the committed end, so
@@ -162,7 +183,11 @@ func (l *Ledger) notifyStandbys(ctx context.Context) {
 		if !mu.TryLock() {
 			continue // a write is replicating: it tells the standby
 		}
-		_ = l.replicate(ctx, shard, m)
+		var cur shardMeta
+		_ = l.st.view(shard, func(t shardTx) error { cur, _ = t.meta(); return nil })
+		if cur.Role == RolePrimary {
+			_ = l.replicate(ctx, shard, cur)
+		}
 		mu.Unlock()
 	}
 }
@@ -191,9 +216,7 @@ func (l *Ledger) report() (Replication, error) {
 	out := Replication{Shards: []ShardReport{}}
 	for shard, m := range shards {
 		r := ShardReport{Shard: shard, Role: m.Role, Epoch: m.Epoch, Committed: m.Committed, Received: m.Received, Applied: m.Applied}
-		// A primary is in sync when its standby has all it committed; a
-		// standby, when it has all the primary said it committed.
-		r.Sync = m.Received >= m.Committed
+		r.Sync = m.sync()
 		out.Shards = append(out.Shards, r)
 	}
 	return out, nil
@@ -237,12 +260,14 @@ func (l *Ledger) become(shard int, role string, epoch uint64) (shardMeta, error)
 }
 
 // errNotReplicated: no standby took the entry; the write is not
-// acknowledged.
+// acknowledged (it waits in the log and goes out with the next write).
 var errNotReplicated = errors.New("not replicated")
 
 // write appends op to the shard's log at epoch, replicates it to the
 // standby, then applies it: the answer comes only once the standby holds
-// it. A write whose op ID was applied returns its first result.
+// it. op.ID is the client's key scoped by the account: a write whose ID
+// was applied returns its first result (or errKeyReused when the key came
+// with another request).
 func (l *Ledger) write(ctx context.Context, shard int, epoch uint64, op Op) (Result, error) {
 	mu := l.lock(shard)
 	mu.Lock()
@@ -261,7 +286,10 @@ func (l *Ledger) write(ctx context.Context, shard int, epoch uint64, op Op) (Res
 		// An entry of the same op waiting in the uncommitted tail (an
 		// earlier attempt whose replication failed) is not appended again.
 		for s := m.Committed + 1; s <= m.Received; s++ {
-			if e, ok := t.entry(s); ok && e.Op.ID == op.ID && op.ID != "" {
+			if e, ok := t.entry(s); ok && e.Op.ID == op.ID {
+				if e.Op.fingerprint() != op.fingerprint() {
+					return fmt.Errorf("%w: %q was used for %s", errKeyReused, op.ID, e.Op.fingerprint())
+				}
 				return nil
 			}
 		}
@@ -271,12 +299,15 @@ func (l *Ledger) write(ctx context.Context, shard int, epoch uint64, op Op) (Res
 		}
 		return t.putMeta(m)
 	})
-	if err != nil || done != nil {
-		if done != nil {
-			l.m.idempotent.Inc()
-			return *done, nil
-		}
+	if err != nil {
 		return Result{}, err
+	}
+	if done != nil {
+		if done.Request != op.fingerprint() {
+			return Result{}, fmt.Errorf("%w: %q was used for %s", errKeyReused, op.ID, done.Request)
+		}
+		l.m.idempotent.Inc()
+		return *done, nil
 	}
 	if err := l.replicate(ctx, shard, m); err != nil {
 		return Result{}, err
@@ -323,15 +354,23 @@ func (l *Ledger) owner(t shardTx, epoch uint64) (shardMeta, error) {
 	return m, nil
 }
 
-// replicateRequest is the body of POST /.well-known/cellmesh/replicate.
+// replicateRequest is the body of POST /.well-known/cellmesh/replicate:
+// entries following the one at PrevSeq, of epoch PrevEpoch (0, 0: the
+// log's start), as in Raft, so a standby whose log differs there finds
+// out.
 type replicateRequest struct {
 	Shard     int     `json:"shard"`
 	Epoch     uint64  `json:"epoch"`
 	Committed uint64  `json:"committed"`
+	PrevSeq   uint64  `json:"prev_seq"`
+	PrevEpoch uint64  `json:"prev_epoch"`
 	Entries   []Entry `json:"entries"`
 }
 
 type replicateAnswer struct {
+	// OK: the standby holds the log up to Received, the request's entries
+	// included.
+	OK       bool   `json:"ok"`
 	Received uint64 `json:"received"`
 	Epoch    uint64 `json:"epoch"`
 	Error    string `json:"error,omitempty"`
@@ -340,45 +379,88 @@ type replicateAnswer struct {
 // maxBatch bounds the entries sent at once (a standby catching up).
 const maxBatch = 256
 
+// target is the unit the shard's writes replicate to: the first standby
+// of the sidecar's map, when the map agrees this unit is the primary at
+// epoch. A map older than the epoch is read again first.
+func (l *Ledger) target(ctx context.Context, shard int, epoch uint64) (string, bool, error) {
+	for try := 0; ; try++ {
+		view := l.view.Load()
+		if view != nil {
+			a, ok := (*view)[shard]
+			switch {
+			case !ok:
+				return "", false, fmt.Errorf("shard %d is not in the map", shard)
+			case a.Epoch > epoch || (a.Epoch == epoch && a.Primary != l.cfg.Unit):
+				return "", false, fmt.Errorf("%w: the map gives shard %d to %s at epoch %d", errStaleEpoch, shard, a.Primary, a.Epoch)
+			case a.Epoch == epoch:
+				for _, u := range a.Standbys {
+					if u != l.cfg.Unit {
+						return u, true, nil
+					}
+				}
+				return "", false, nil // no standby declared: a single copy
+			}
+		}
+		if try == 10 {
+			if view == nil {
+				return "", false, fmt.Errorf("%w: %w", errNotReplicated, errNoMap)
+			}
+			return "", false, fmt.Errorf("%w: the sidecar's map is behind epoch %d of shard %d", errNotReplicated, epoch, shard)
+		}
+		l.refreshMap(ctx)
+		select {
+		case <-ctx.Done():
+			return "", false, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // replicate sends the standby the entries it lacks up to m.Received, with
 // the committed end, until it holds them all. The shard's lock is held.
 func (l *Ledger) replicate(ctx context.Context, shard int, m shardMeta) error {
-	sb := (*l.standbys.Load())[shard]
-	if len(sb) == 0 {
-		return nil // no standby declared: a single copy
+	standby, ok, err := l.target(ctx, shard, m.Epoch)
+	if err != nil || !ok {
+		return err
 	}
-	standby := sb[0]
-	from := m.Received // the standby most often has all but the newest
-	if m.Received == 0 {
-		from = 1
-	}
+	from := max(m.Received, 1) // the standby most often has all but the newest
 	for range 64 {
-		var entries []Entry
+		req := replicateRequest{Shard: shard, Epoch: m.Epoch, Committed: m.Committed, PrevSeq: from - 1}
 		if err := l.st.view(shard, func(t shardTx) error {
-			for s := from; s <= m.Received && len(entries) < maxBatch; s++ {
+			if req.PrevSeq > 0 {
+				e, ok := t.entry(req.PrevSeq)
+				if !ok {
+					return fmt.Errorf("shard %d: log entry %d missing", shard, req.PrevSeq)
+				}
+				req.PrevEpoch = e.Epoch
+			}
+			for s := from; s <= m.Received && len(req.Entries) < maxBatch; s++ {
 				e, ok := t.entry(s)
 				if !ok {
 					return fmt.Errorf("shard %d: log entry %d missing", shard, s)
 				}
-				entries = append(entries, e)
+				req.Entries = append(req.Entries, e)
 			}
 			return nil
 		}); err != nil {
 			return err
 		}
-		ans, err := l.send(ctx, standby, replicateRequest{Shard: shard, Epoch: m.Epoch, Committed: m.Committed, Entries: entries})
+		ans, err := l.send(ctx, standby, req)
 		if err != nil {
 			l.m.replication.WithLabelValues("failed").Inc()
 			return fmt.Errorf("%w: standby %s: %v", errNotReplicated, standby, err)
 		}
-		if ans.Epoch > m.Epoch {
+		switch {
+		case ans.Epoch > m.Epoch:
 			return fmt.Errorf("%w: standby %s has seen epoch %d", errStaleEpoch, standby, ans.Epoch)
-		}
-		if ans.Received >= m.Received {
+		case ans.OK && ans.Received >= m.Received:
 			l.m.replication.WithLabelValues("ok").Inc()
 			return nil
+		case ans.OK:
+			from = ans.Received + 1 // the batch was bounded: send the rest
+		default:
+			from = max(min(ans.Received+1, from-1), 1) // the logs differ or the standby is behind: go back
 		}
-		from = ans.Received + 1 // the standby is behind: send what it lacks
 	}
 	return fmt.Errorf("%w: standby %s is still catching up", errNotReplicated, standby)
 }
@@ -402,46 +484,73 @@ func (l *Ledger) send(ctx context.Context, standby string, body replicateRequest
 	if err := json.Unmarshal(raw, &ans); err != nil {
 		return ans, fmt.Errorf("HTTP %d: %s", resp.StatusCode, bytes.TrimSpace(raw))
 	}
-	switch resp.StatusCode {
-	case http.StatusOK, http.StatusConflict:
+	switch {
+	case resp.StatusCode == http.StatusOK:
 		return ans, nil
+	case resp.StatusCode == http.StatusConflict && ans.Epoch > body.Epoch:
+		return ans, nil // a newer epoch: the caller steps down
+	case resp.StatusCode == http.StatusConflict && !ans.OK && ans.Epoch <= body.Epoch && ans.Error == "":
+		return ans, nil // behind, or its log differs: the caller goes back
 	}
 	return ans, fmt.Errorf("HTTP %d: %s", resp.StatusCode, ans.Error)
 }
 
 // receive takes a batch from the primary: refused below the epoch seen;
-// entries it holds are skipped, a gap is answered with what it holds, and
-// an unapplied tail of an older epoch that the new primary's log replaces
-// is dropped.
+// the log must match at PrevSeq (else the standby says so, dropping an
+// unapplied tail that differs); entries it holds are skipped.
 func (l *Ledger) receive(req replicateRequest) (replicateAnswer, int, error) {
+	if req.Shard < -1 || len(req.Entries) > maxBatch {
+		return replicateAnswer{}, http.StatusBadRequest, fmt.Errorf("shard %d, %d entries: want a shard and at most %d entries", req.Shard, len(req.Entries), maxBatch)
+	}
 	mu := l.lock(req.Shard)
 	mu.Lock()
 	defer mu.Unlock()
 	var ans replicateAnswer
 	code := http.StatusOK
-	var appended []Entry
+	var appended int
 	err := l.st.update(req.Shard, func(t shardTx) error {
 		m, _ := t.meta()
-		ans.Epoch = m.Epoch
-		if req.Epoch < m.Epoch {
-			code = http.StatusConflict
-			ans.Received, ans.Error = m.Received, fmt.Sprintf("stale epoch %d: this unit has seen epoch %d", req.Epoch, m.Epoch)
+		ans.Epoch, ans.Received = m.Epoch, m.Received
+		switch {
+		case req.Epoch < m.Epoch:
+			code, ans.Error = http.StatusConflict, fmt.Sprintf("stale epoch %d: this unit has seen epoch %d", req.Epoch, m.Epoch)
+			return nil
+		case req.Epoch == m.Epoch && m.Role == RolePrimary:
+			code, ans.Error = http.StatusConflict, fmt.Sprintf("this unit is the primary at epoch %d", m.Epoch)
 			return nil
 		}
 		if req.Epoch > m.Epoch || m.Role == "" {
 			m.Epoch, m.Role = req.Epoch, RoleStandby
-		} else if m.Role == RolePrimary {
-			code = http.StatusConflict
-			ans.Received, ans.Error = m.Received, fmt.Sprintf("this unit is the primary at epoch %d", m.Epoch)
-			return nil
+		}
+		if req.Epoch != m.PrimaryEpoch {
+			m.PrimaryEpoch, m.Committed = req.Epoch, 0 // a new primary's word replaces the old one's
+		}
+		// The log must hold the primary's entry at PrevSeq.
+		if req.PrevSeq > m.Received {
+			code = http.StatusConflict // behind: Received says from where
+			ans.Epoch = m.Epoch
+			return t.putMeta(m)
+		}
+		if req.PrevSeq > 0 {
+			if e, ok := t.entry(req.PrevSeq); !ok || e.Epoch != req.PrevEpoch {
+				if req.PrevSeq <= m.Applied {
+					return fmt.Errorf("shard %d: entry %d differs from the primary's, and is applied", req.Shard, req.PrevSeq)
+				}
+				if err := t.truncate(req.PrevSeq); err != nil {
+					return err
+				}
+				m.Received = req.PrevSeq - 1
+				code, ans.Epoch, ans.Received = http.StatusConflict, m.Epoch, m.Received
+				return t.putMeta(m)
+			}
 		}
 		for _, e := range req.Entries {
 			if e.Seq <= m.Received {
-				if have, ok := t.entry(e.Seq); ok && have.Op.ID == e.Op.ID && have.Epoch == e.Epoch {
+				if have, ok := t.entry(e.Seq); ok && have.Epoch == e.Epoch && have.Op.ID == e.Op.ID {
 					continue
 				}
 				if e.Seq <= m.Applied {
-					return fmt.Errorf("shard %d: entry %d differs from the applied one", req.Shard, e.Seq)
+					return fmt.Errorf("shard %d: entry %d differs from the primary's, and is applied", req.Shard, e.Seq)
 				}
 				if err := t.truncate(e.Seq); err != nil {
 					return err
@@ -449,14 +558,15 @@ func (l *Ledger) receive(req replicateRequest) (replicateAnswer, int, error) {
 				m.Received = e.Seq - 1
 			}
 			if e.Seq != m.Received+1 {
-				break // a gap: answered with what is held
+				break
 			}
 			if err := t.putEntry(e); err != nil {
 				return err
 			}
 			m.Received = e.Seq
-			appended = append(appended, e)
+			appended++
 		}
+		ans.OK = true
 		m.Committed = max(m.Committed, min(req.Committed, m.Received))
 		ans.Epoch, ans.Received = m.Epoch, m.Received
 		if l.applyLag.Load() == 0 {
@@ -466,16 +576,32 @@ func (l *Ledger) receive(req replicateRequest) (replicateAnswer, int, error) {
 		}
 		return t.putMeta(m)
 	})
-	if err == nil && len(appended) > 0 && l.applyLag.Load() > 0 {
-		go l.applyLater(req.Shard)
+	if err == nil && l.applyLag.Load() > 0 && appended > 0 {
+		l.startApplier(req.Shard)
 	}
 	return ans, code, err
+}
+
+// startApplier runs applyLater for shard unless it runs already.
+func (l *Ledger) startApplier(shard int) {
+	if _, running := l.applying.LoadOrStore(shard, true); !running {
+		go func() {
+			defer l.applying.Delete(shard)
+			l.applyLater(shard)
+		}()
+	}
 }
 
 // applyLater applies a lagging standby's log, one entry per ApplyDelay.
 func (l *Ledger) applyLater(shard int) {
 	for {
-		time.Sleep(time.Duration(l.applyLag.Load()))
+		// Wait out the delay, reading it again as it goes: a delay turned
+		// off catches up at once.
+		for waited := time.Duration(0); waited < time.Duration(l.applyLag.Load()); {
+			step := min(time.Duration(l.applyLag.Load())-waited, 50*time.Millisecond)
+			time.Sleep(step)
+			waited += step
+		}
 		more := false
 		_ = l.st.update(shard, func(t shardTx) error {
 			m, _ := t.meta()

@@ -50,11 +50,13 @@ func (f *fakeMesh) serve(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/config" {
 		type a struct {
 			Shard    int      `json:"shard"`
+			Primary  string   `json:"primary"`
+			Epoch    uint64   `json:"epoch"`
 			Standbys []string `json:"standbys"`
 		}
 		var as []a
 		for s, sb := range f.standby {
-			as = append(as, a{s, sb})
+			as = append(as, a{s, f.owner[s], f.epoch[s], sb})
 		}
 		f.mu.Unlock()
 		writeJSON(w, 200, map[string]any{"topology": map[string]any{"assignments": as}})
@@ -251,5 +253,84 @@ func TestLedgerReplicatesFencesAndFailsOver(t *testing.T) {
 		if code, out := f.call("POST", "/accounts/"+alice+"/deposit", alice, "d4", map[string]any{"amount": 1}); code != 200 || out["balance"].(float64) != 77 {
 			t.Fatalf("the retried write: %d %v", code, out)
 		}
+	}
+}
+
+// A write the old primary appended but never replicated (its standby was
+// down) must not survive a failover: when the old primary comes back as a
+// standby, the new primary's log replaces its unapplied tail, and the two
+// hold the same accounts.
+func TestLedgerOldPrimaryTailDropped(t *testing.T) {
+	f := newFakeMesh(t)
+	f.assign(7, "us-east-1", 1, "eu-west-1")
+	a, b := f.start("us-east-1"), f.start("eu-west-1")
+	const alice = "2088000000007"
+	setDown := func(unit string, down bool) {
+		f.mu.Lock()
+		f.down[unit] = down
+		f.mu.Unlock()
+	}
+	deposit := func(key string, amount int, want int) {
+		t.Helper()
+		if code, out := f.call("POST", "/accounts/"+alice+"/deposit", alice, key, map[string]any{"amount": amount}); code != want {
+			t.Fatalf("deposit %s: %d %v, want %d", key, code, out, want)
+		}
+	}
+	deposit("d1", 100, 200)
+	setDown("eu-west-1", true)
+	deposit("x", 1000, http.StatusServiceUnavailable) // appended at us-east-1, never replicated
+	setDown("eu-west-1", false)
+
+	// Failover to eu-west-1 at epoch 2 while us-east-1 is away.
+	setDown("us-east-1", true)
+	f.assign(7, "eu-west-1", 2, "us-east-1")
+	if _, err := b.become(7, RolePrimary, 2); err != nil {
+		t.Fatal(err)
+	}
+	b.refreshMap(context.Background())
+	deposit("y", 10, http.StatusServiceUnavailable) // its standby is away: not acknowledged
+	setDown("us-east-1", false)
+	a.refreshMap(context.Background()) // steps down: the map gives shard 7 to eu-west-1
+	deposit("v", 1, 200)
+	ra, rb := report(t, a, 7), report(t, b, 7)
+	if ra.Role != RoleStandby || ra.Received != rb.Received || ra.Applied != rb.Applied || !ra.Sync {
+		t.Fatalf("the old primary as standby: %+v, the new primary: %+v", ra, rb)
+	}
+	var balA, balB int64
+	_ = a.st.view(7, func(tx shardTx) error { balA = tx.balance(alice); return nil })
+	_ = b.st.view(7, func(tx shardTx) error { balB = tx.balance(alice); return nil })
+	if balA != balB || balB != 111 {
+		t.Fatalf("balances: old primary %d, new primary %d, want both 111 (100 + the retried 10 + 1, never the 1000)", balA, balB)
+	}
+}
+
+// An idempotency key belongs to one account and one request: two users
+// may use the same key; the same key for another request is refused.
+func TestLedgerIdempotencyKeys(t *testing.T) {
+	f := newFakeMesh(t)
+	f.assign(7, "us-east-1", 1, "eu-west-1")
+	f.assign(57, "eu-west-1", 1, "us-east-1")
+	f.start("us-east-1")
+	f.start("eu-west-1")
+	const alice, carol, bob = "2088000000007", "2088000000107", "2088000000057" // alice and carol share shard 7
+	for _, c := range []struct {
+		uid  string
+		amt  int
+		code int
+		bal  float64
+	}{{alice, 50, 200, 50}, {carol, 7, 200, 7}, {alice, 50, 200, 50}, {alice, 60, http.StatusUnprocessableEntity, 0}} {
+		code, out := f.call("POST", "/accounts/"+c.uid+"/deposit", c.uid, "k1", map[string]any{"amount": c.amt})
+		if code != c.code || (code == 200 && out["balance"].(float64) != c.bal) {
+			t.Fatalf("deposit %d to %s with key k1: %d %v, want %d balance %v", c.amt, c.uid, code, out, c.code, c.bal)
+		}
+	}
+	// Transfers from two senders with the same key each credit bob.
+	for _, from := range []string{alice, carol} {
+		if code, out := f.call("POST", "/accounts/"+from+"/transfer", from, "t1", map[string]any{"to": bob, "amount": 5}); code != 200 || !out["ok"].(bool) {
+			t.Fatalf("transfer from %s: %d %v", from, code, out)
+		}
+	}
+	if got := balanceOf(t, f, bob); got != 10 {
+		t.Fatalf("bob has %d after two transfers of 5 with the same key from two senders, want 10", got)
 	}
 }

@@ -36,6 +36,14 @@ type Result struct {
 	OK      bool   `json:"ok"`
 	Balance int64  `json:"balance"`
 	Error   string `json:"error,omitempty"` // "insufficient funds"
+	// Request is the fingerprint of the op that made it: a key reused
+	// for another request is refused.
+	Request string `json:"request,omitempty"`
+}
+
+// fingerprint names what an op asks, to tell a retry from a reused key.
+func (op Op) fingerprint() string {
+	return fmt.Sprintf("%s %s %d %s", op.Kind, op.User, op.Amount, op.To)
 }
 
 // Entry is an op at a log position, with the epoch of the primary that
@@ -57,6 +65,20 @@ type shardMeta struct {
 	Received  uint64 `json:"received"`
 	Applied   uint64 `json:"applied"`
 	Committed uint64 `json:"committed"`
+	// PrimaryEpoch, on a standby, is the epoch of the primary it last
+	// heard from: its Committed is that primary's word.
+	PrimaryEpoch uint64 `json:"primary_epoch"`
+}
+
+// sync reports whether this replica holds every write its shard's
+// primary committed: a primary, by construction (it commits only what its
+// standby holds); a standby, when it has heard from the primary of the
+// current epoch and holds all that primary said it committed.
+func (m shardMeta) sync() bool {
+	if m.Role == RolePrimary {
+		return true
+	}
+	return m.PrimaryEpoch == m.Epoch && m.Epoch > 0 && m.Received >= m.Committed
 }
 
 // store is the ledger's disk: per shard a meta record, the log, the
@@ -184,13 +206,13 @@ func (t shardTx) apply(op Op) (Result, error) {
 		return r, nil
 	}
 	bal := t.balance(op.User)
-	r := Result{OK: true}
+	r := Result{OK: true, Request: op.fingerprint()}
 	switch op.Kind {
 	case "deposit", "credit":
 		bal += op.Amount
 	case "debit":
 		if bal < op.Amount {
-			r = Result{OK: false, Error: "insufficient funds"}
+			r = Result{OK: false, Error: "insufficient funds", Request: op.fingerprint()}
 		} else {
 			bal -= op.Amount
 		}
@@ -253,4 +275,8 @@ func (s *store) update(shard int, f func(shardTx) error) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return f(shardTx{tx, shard}) })
 }
 
-var errStaleEpoch = errors.New("stale epoch")
+var (
+	errStaleEpoch = errors.New("stale epoch")
+	errKeyReused  = errors.New("idempotency key reused")
+	errNoMap      = errors.New("no shard map from the sidecar yet")
+)
