@@ -10,13 +10,14 @@ import (
 	"github.com/cellmesh/cellmesh/routing"
 )
 
-// Holding writes during a planned handoff: while a shard this unit owns is
-// draining, a write for it waits here (it does not reach the app, so the
-// standby can catch up) until the map moves on, then goes where the new
-// map says: to the app if this unit still owns the shard, serving; once to
-// the new owner otherwise. Bounded in time (holdTimeout) and count
-// (maxHeld); past either the write is answered 503 handoff with
-// Retry-After.
+// Holding requests during a planned handoff: while a shard this unit owns
+// is draining, a request for it waits here (it does not reach the app:
+// writes, so the standby can catch up; reads, so none reaches the old
+// primary once the new one has taken over) until the map moves on, then
+// goes where the new map says: to the app if this unit still owns the
+// shard, serving; once to the new owner otherwise. Bounded in time
+// (holdTimeout) and count (maxHeld); past either the request is answered
+// 503 handoff with Retry-After.
 const (
 	holdTimeout = 3 * time.Second
 	maxHeld     = 1000
@@ -34,14 +35,10 @@ func (s *Sidecar) signalMap() {
 	close(*old)
 }
 
-// holdDraining holds a write for shard while it is draining at this unit.
-// It returns the map to serve the request with and true when it may go on
-// (to the app, or forwarded: fwd names the new owner); false when it has
-// answered.
-func (s *Sidecar) holdDraining(w *statusWriter, r *http.Request, rt *route, shard int, write bool) (fwd *routing.Owner, ok bool) {
-	if !write {
-		return nil, true
-	}
+// holdDraining holds a request for shard while it is draining at this
+// unit. It returns true when the request may go on (to the app; or
+// forwarded when fwd names the new owner); false when it has answered.
+func (s *Sidecar) holdDraining(w *statusWriter, r *http.Request, rt *route, shard int) (fwd *routing.Owner, ok bool) {
 	self := s.cfg.Identity.Unit
 	var start time.Time
 	for {
@@ -93,10 +90,10 @@ func (s *Sidecar) holdDraining(w *statusWriter, r *http.Request, rt *route, shar
 func (s *Sidecar) refuseHandoff(w *statusWriter, shard int, why string) {
 	s.m.holdSeconds.Observe(holdTimeout.Seconds())
 	w.Header().Set("Retry-After", "1")
-	answer(w, http.StatusServiceUnavailable, "handoff", fmt.Sprintf("%s is being handed off to its standby and holds its writes, but %s: retry", routing.ShardName(shard), why))
+	answer(w, http.StatusServiceUnavailable, "handoff", fmt.Sprintf("%s is being handed off to its standby and holds its requests, but %s: retry", routing.ShardName(shard), why))
 }
 
-// forwardHeld sends a write held through a handoff once to the shard's
+// forwardHeld sends a request held through a handoff once to the shard's
 // new owner.
 func (s *Sidecar) forwardHeld(w *statusWriter, r *http.Request, rt *route, owner *routing.Owner) {
 	hops, _ := strconv.Atoi(r.Header.Get(hdrHops))

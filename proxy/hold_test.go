@@ -24,10 +24,10 @@ func draining(topo *routing.Topology, version uint64, shard int) *routing.Topolo
 	return next
 }
 
-// A planned handoff as the sidecars see it: while shard 7 drains, a write
-// for it is held at its owner (reads go on); when the map moves the shard,
-// the held write goes once to the new owner and succeeds: no error reaches
-// the client. A handoff that does not end frees its held writes with a 503
+// A planned handoff as the sidecars see it: while shard 7 drains, requests
+// for it (a write, a read) are held at its owner; when the map moves the
+// shard, they go once to the new owner and succeed: no error reaches the
+// client. A handoff that does not end frees its held requests with a 503
 // handoff and Retry-After.
 func TestWritesHeldWhileDraining(t *testing.T) {
 	m := newMesh(t, meshOpts{})
@@ -50,28 +50,29 @@ func TestWritesHeldWhileDraining(t *testing.T) {
 
 	v2 := draining(topo, 2, 7)
 	m.setPeers(v2)
-	if resp, body := send("GET"); resp.StatusCode != 200 || decodeEcho(t, []byte(body)).Unit != "us-east-1" {
-		t.Fatalf("a read while draining: %d %s", resp.StatusCode, body)
-	}
 	type answer struct {
 		resp *http.Response
 		body string
 	}
-	done := make(chan answer, 1)
-	go func() {
-		resp, body := send("POST")
-		done <- answer{resp, body}
-	}()
-	waitFor(t, 10*time.Second, func() bool { return us1.sc.held.Load() == 1 }, "the write held at us-east-1")
+	done := make(chan answer, 2)
+	for _, method := range []string{"POST", "GET"} {
+		go func() {
+			resp, body := send(method)
+			done <- answer{resp, body}
+		}()
+	}
+	waitFor(t, 10*time.Second, func() bool { return us1.sc.held.Load() == 2 }, "a write and a read held at us-east-1")
 	select {
 	case a := <-done:
-		t.Fatalf("the write went on while the shard drained: %d %s", a.resp.StatusCode, a.body)
+		t.Fatalf("a request went on while the shard drained: %d %s", a.resp.StatusCode, a.body)
 	default:
 	}
 	m.setPeers(moved(t, topo, 3, 7, "eu-west-1", 2))
-	a := <-done
-	if a.resp.StatusCode != 200 || decodeEcho(t, []byte(a.body)).Unit != "eu-west-1" {
-		t.Fatalf("the held write after the handoff: %d %s, want 200 from eu-west-1", a.resp.StatusCode, a.body)
+	for range 2 {
+		a := <-done
+		if a.resp.StatusCode != 200 || decodeEcho(t, []byte(a.body)).Unit != "eu-west-1" {
+			t.Fatalf("a held request after the handoff: %d %s, want 200 from eu-west-1", a.resp.StatusCode, a.body)
+		}
 	}
 	if n := testutil.CollectAndCount(us1.sc.m.holdSeconds); n != 1 || us1.sc.held.Load() != 0 {
 		t.Fatalf("hold histogram has %d series, %d still held", n, us1.sc.held.Load())

@@ -140,7 +140,7 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 				if !s.fence(sw, r, m, rt, d.Shard) {
 					return
 				}
-				owner, ok := s.holdDraining(sw, r, rt, d.Shard, d.Write)
+				owner, ok := s.holdDraining(sw, r, rt, d.Shard)
 				if !ok {
 					return
 				}
@@ -164,6 +164,10 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 	s.appProxy.ServeHTTP(sw, r)
 }
 
+// mapBehindWait bounds how long a request whose epoch is newer than this
+// sidecar's map waits for the map before it is answered 503 map-behind.
+const mapBehindWait = time.Second
+
 // contractPrefix starts the paths of the handoff contract.
 const contractPrefix = "/.well-known/cellmesh/"
 
@@ -185,6 +189,32 @@ func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, r
 	}
 	rt.shard, rt.epoch = shard, epoch
 	self := s.cfg.Identity.Unit
+	if epoch > owner.Epoch {
+		// The sender's map is newer than ours (a move is being pushed):
+		// wait a moment for ours, holding the request here, where its body
+		// is still unread.
+		deadline := time.NewTimer(mapBehindWait)
+		defer deadline.Stop()
+	wait:
+		for epoch > owner.Epoch {
+			ch := s.mapChanged()
+			if cur := s.live.Load(); cur != m {
+				m = cur
+				if owner, err = m.Lookup(shard); err != nil {
+					answer(w, http.StatusBadRequest, "bad-shard", "x-cellmesh-shard: "+err.Error())
+					return false
+				}
+				continue
+			}
+			select {
+			case <-ch:
+			case <-deadline.C:
+				break wait
+			case <-r.Context().Done():
+				break wait
+			}
+		}
+	}
 	switch {
 	case epoch == owner.Epoch && owner.Unit == self:
 		return true

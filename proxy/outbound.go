@@ -156,7 +156,7 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 		rh[hdrUnit] = []string{rt.unit}
 		rh[hdrRegion] = []string{rt.region}
 		if rt.fenced {
-			owner, ok := s.holdDraining(sw, r, rt, rt.shard, d.Write)
+			owner, ok := s.holdDraining(sw, r, rt, rt.shard)
 			if !ok {
 				return
 			}
