@@ -509,7 +509,7 @@ func (r *Replica) postMove(req *http.Request) (any, error) {
 		return nil, err
 	}
 	next := r.store.Map()
-	idx := r.store.State().Index
+	idx := h.Index
 	no, _ := next.Lookup(o.Shard)
 	r.log.Info("shard moved", "shard", o.Shard, "from", o.Unit, "to", no.Unit, "epoch", no.Epoch, "version", next.Version(), "by", who,
 		"write_pause_seconds", h.WritePauseSeconds, "gap", h.Gap)

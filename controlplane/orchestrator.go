@@ -395,6 +395,7 @@ func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routin
 		return true
 	}
 	idx := o.r.store.State().Index
+	h.Index = idx
 	o.r.m.moves.WithLabelValues("unplanned").Inc()
 	o.mu.Lock()
 	delete(o.blocked, mv.Shard)
@@ -533,7 +534,7 @@ func (o *orchestrator) planned(ctx context.Context, shard int, to string, epoch 
 	}
 	idx := o.r.store.State().Index
 	o.r.waitPublished(ctx, idx)
-	h.Epoch, h.Phase = epoch+1, "done"
+	h.Epoch, h.Phase, h.Index = epoch+1, "done", idx
 	h.WritePauseSeconds = time.Since(start).Seconds()
 	if len(o.r.cfg.HandoffServices) > 0 {
 		var errs []error

@@ -181,6 +181,8 @@ type Handoff struct {
 	// done.
 	FromEpoch uint64 `json:"from_epoch"`
 	Epoch     uint64 `json:"epoch,omitempty"`
+	// Index is the raft index that committed the move.
+	Index uint64 `json:"index,omitempty"`
 	// Phase: draining, checking, done, blocked, aborted, failed.
 	Phase  string `json:"phase"`
 	Reason string `json:"reason,omitempty"`
