@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"slices"
 	"sync"
@@ -32,6 +33,7 @@ type orchestrator struct {
 	reports map[string]unitReport // by unit + "/" + service
 	down    map[string]time.Time  // units found down, since when
 	blocked map[int]string        // shards blocked by this leader, and why (logged once)
+	lastLog string                // logOnce's last message
 }
 
 type unitReport struct {
@@ -194,22 +196,30 @@ func (o *orchestrator) lastReport(unit, service string, shard int) (failover.Rep
 	return r, ur.at, true
 }
 
-// freshReport asks unit's service for its report now.
-func (o *orchestrator) freshReport(ctx context.Context, unit, service string, shard int) (failover.Report, error) {
+// freshReplication asks unit's service for its watermarks now.
+func (o *orchestrator) freshReplication(ctx context.Context, unit, service string) (failover.Replication, error) {
 	st := o.r.store.State()
 	var last error = fmt.Errorf("no live endpoint of %s in unit %s", service, unit)
 	for _, ep := range endpointsOf(st, unit, service) {
 		pctx, cancel := context.WithTimeout(ctx, time.Second)
 		rep, err := o.contract.report(pctx, ep)
 		cancel()
-		if err != nil {
-			last = err
-			continue
+		if err == nil {
+			return rep, nil
 		}
-		r, _ := rep.Shard(shard)
-		return r, nil
+		last = err
 	}
-	return failover.Report{}, last
+	return failover.Replication{}, last
+}
+
+// freshReport asks unit's service for one shard's report now.
+func (o *orchestrator) freshReport(ctx context.Context, unit, service string, shard int) (failover.Report, error) {
+	rep, err := o.freshReplication(ctx, unit, service)
+	if err != nil {
+		return failover.Report{}, err
+	}
+	r, _ := rep.Shard(shard)
+	return r, nil
 }
 
 // setRole calls promote or demote on every live endpoint of unit's
@@ -300,22 +310,37 @@ func (o *orchestrator) failover(ctx context.Context) {
 		return
 	}
 	plan, err := routing.FailUnits(st.Map, lost, routing.Observed{Lost: lost})
-	if err != nil {
-		o.r.log.Warn("no failover plan for the lost units", "units", lost, "error", err)
+	switch {
+	case err != nil:
+		o.logOnce(slog.LevelWarn, "no failover plan for the lost units", "units", lost, "error", err)
+		return
+	case plan.Refused():
+		o.logOnce(slog.LevelError, "the failover plan breaks a safety rule; nothing moved: an operator must decide", "units", lost,
+			"error", (&routing.RefusedError{Kind: plan.Kind, Target: plan.Target, Broken: brokenRules(plan)}).Error())
 		return
 	}
-	if plan.Refused() {
-		o.r.log.Error("the failover plan breaks a safety rule; nothing moved: an operator must decide", "units", lost, "error", (&routing.RefusedError{Kind: plan.Kind, Target: plan.Target, Broken: brokenRules(plan)}).Error())
-		return
-	}
+	reports := map[string]failover.Replication{} // read once per unit and service this round
 	for _, mv := range plan.Moves {
 		if !o.claim(mv.Shard) {
 			continue
 		}
-		done := o.failShard(ctx, st, mv, now)
+		done := o.failShard(ctx, st, mv, now, reports)
 		if done {
 			o.release(mv.Shard)
 		}
+	}
+}
+
+// logOnce logs msg unless it was the last thing logged this way: the
+// failover loop runs ten times a second.
+func (o *orchestrator) logOnce(level slog.Level, msg string, args ...any) {
+	key := fmt.Sprint(msg, args)
+	o.mu.Lock()
+	same := o.lastLog == key
+	o.lastLog = key
+	o.mu.Unlock()
+	if !same {
+		o.r.log.Log(context.Background(), level, msg, args...)
 	}
 }
 
@@ -331,7 +356,7 @@ func brokenRules(p *routing.Plan) []routing.RuleResult {
 
 // failShard runs one move of a failover plan; it reports whether the
 // shard is free again (false: a goroutine promotes it and frees it).
-func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routing.Move, now time.Time) bool {
+func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routing.Move, now time.Time, reports map[string]failover.Replication) bool {
 	owner, err := st.Map.Lookup(mv.Shard)
 	if err != nil || owner.Epoch != mv.FromEpoch || owner.State == routing.StateDraining {
 		return true
@@ -368,11 +393,16 @@ func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routin
 		if len(why) > 0 {
 			break
 		}
-		sr, err := o.freshReport(ctx, mv.To, svc, mv.Shard)
-		if err != nil {
-			why = append(why, fmt.Sprintf("%s in %s did not report its watermarks: %v", svc, mv.To, err))
-			continue
+		rep, ok := reports[mv.To+"/"+svc]
+		if !ok {
+			var err error
+			if rep, err = o.freshReplication(ctx, mv.To, svc); err != nil {
+				why = append(why, fmt.Sprintf("%s in %s did not report its watermarks: %v", svc, mv.To, err))
+				continue
+			}
+			reports[mv.To+"/"+svc] = rep
 		}
+		sr, _ := rep.Shard(mv.Shard)
 		var lp *failover.Report
 		if pr, _, ok := o.lastReport(mv.From, svc, mv.Shard); ok {
 			lp = &pr
