@@ -1,6 +1,7 @@
 package failover
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"strings"
@@ -265,18 +266,8 @@ func (h *Health) View() View {
 func (h *Health) Events(after uint64) []Event {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	i, _ := slices.BinarySearchFunc(h.events, after+1, func(e Event, s uint64) int { return cmpU(e.Seq, s) })
+	i, _ := slices.BinarySearchFunc(h.events, after+1, func(e Event, s uint64) int { return cmp.Compare(e.Seq, s) })
 	return slices.Clone(h.events[i:])
-}
-
-func cmpU(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func (h *Health) event(now time.Time, e Event) {

@@ -422,6 +422,13 @@ func (e *events) notify(n *memberlist.Node, lost bool) {
 	e.ms.cfg.Observer.Observe(now, m)
 }
 
+// logLevels maps memberlist's line prefixes to slog levels (its INFO lines
+// are per-probe chatter: debug here).
+var logLevels = []struct {
+	prefix string
+	level  slog.Level
+}{{"[DEBUG]", slog.LevelDebug}, {"[INFO]", slog.LevelDebug}, {"[WARN]", slog.LevelWarn}, {"[ERR]", slog.LevelError}}
+
 // logWriter sends memberlist's log lines ("[WARN] memberlist: ...") to
 // slog at their level.
 type logWriter struct{ log *slog.Logger }
@@ -429,9 +436,9 @@ type logWriter struct{ log *slog.Logger }
 func (w *logWriter) Write(p []byte) (int, error) {
 	line := string(bytes.TrimSpace(p))
 	level := slog.LevelInfo
-	for prefix, l := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[INFO]": slog.LevelDebug, "[WARN]": slog.LevelWarn, "[ERR]": slog.LevelError} {
-		if rest, ok := strings.CutPrefix(line, prefix); ok {
-			level, line = l, strings.TrimSpace(rest)
+	for _, p := range logLevels {
+		if rest, ok := strings.CutPrefix(line, p.prefix); ok {
+			level, line = p.level, strings.TrimSpace(rest)
 			break
 		}
 	}

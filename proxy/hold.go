@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -91,16 +90,4 @@ func (s *Sidecar) refuseHandoff(w *statusWriter, shard int, why string) {
 	s.m.holdSeconds.Observe(holdTimeout.Seconds())
 	w.Header().Set("Retry-After", "1")
 	answer(w, http.StatusServiceUnavailable, "handoff", fmt.Sprintf("%s is being handed off to its standby and holds its requests, but %s: retry", routing.ShardName(shard), why))
-}
-
-// forwardHeld sends a request held through a handoff once to the shard's
-// new owner.
-func (s *Sidecar) forwardHeld(w *statusWriter, r *http.Request, rt *route, owner *routing.Owner) {
-	hops, _ := strconv.Atoi(r.Header.Get(hdrHops))
-	fwd := &route{direction: "inbound", service: s.cfg.Identity.Service, src: rt.src, unit: owner.Unit,
-		region: owner.Region, zone: rt.zone, shard: owner.Shard, epoch: owner.Epoch, fenced: true, shadow: rt.shadow, hops: hops + 1}
-	rt.unit = owner.Unit
-	w.Header().Del(hdrUnit)
-	w.Header().Del(hdrRegion)
-	s.outProxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), routeKey{}, fwd)))
 }

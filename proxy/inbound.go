@@ -145,7 +145,7 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 					return
 				}
 				if owner != nil {
-					s.forwardHeld(sw, r, rt, owner)
+					s.forwardToOwner(sw, r, rt, *owner)
 					return
 				}
 				if s.refuseWithoutLease(sw, d.Write, routing.ShardName(d.Shard)) {
@@ -232,12 +232,7 @@ func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, r
 	hops, _ := strconv.Atoi(r.Header.Get(hdrHops))
 	if s.cfg.MisrouteCorrection && owner.Unit != self && hops == 0 {
 		s.m.misrouted.WithLabelValues("corrected").Inc()
-		fwd := &route{direction: "inbound", service: s.cfg.Identity.Service, src: rt.src, unit: owner.Unit,
-			region: owner.Region, zone: rt.zone, shard: shard, epoch: owner.Epoch, fenced: true, shadow: rt.shadow, hops: hops + 1}
-		rt.unit = owner.Unit
-		w.Header().Del(hdrUnit)
-		w.Header().Del(hdrRegion)
-		s.outProxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), routeKey{}, fwd)))
+		s.forwardToOwner(w, r, rt, owner)
 		return false
 	}
 	s.m.misrouted.WithLabelValues("refused").Inc()
@@ -245,6 +240,18 @@ func (s *Sidecar) fence(w *statusWriter, r *http.Request, m *routing.ShardMap, r
 	w.Header().Set(hdrEpoch, strconv.FormatUint(owner.Epoch, 10))
 	answer(w, http.StatusMisdirectedRequest, "misrouted", fmt.Sprintf("%s is owned by unit %s at epoch %d; the request was for epoch %d at unit %s", v, owner.Unit, owner.Epoch, epoch, self))
 	return false
+}
+
+// forwardToOwner sends an inbound request once to the shard's owner
+// elsewhere (misroute correction, a request held through a handoff).
+func (s *Sidecar) forwardToOwner(w http.ResponseWriter, r *http.Request, rt *route, owner routing.Owner) {
+	hops, _ := strconv.Atoi(r.Header.Get(hdrHops))
+	fwd := &route{direction: "inbound", service: s.cfg.Identity.Service, src: rt.src, unit: owner.Unit,
+		region: owner.Region, zone: rt.zone, shard: owner.Shard, epoch: owner.Epoch, fenced: true, shadow: rt.shadow, hops: hops + 1}
+	rt.unit = owner.Unit
+	w.Header().Del(hdrUnit)
+	w.Header().Del(hdrRegion)
+	s.outProxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), routeKey{}, fwd)))
 }
 
 // rewriteApp sends an inbound request to the local app.

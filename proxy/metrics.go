@@ -52,8 +52,8 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 			Help: "Inbound requests refused because they carried an older epoch of their shard than this sidecar's map.",
 		}),
 		holdSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "cellmesh_handoff_write_pause_seconds",
-			Help:    "How long writes for a shard being handed off were held at its old owner before they went on (to the app or the new owner) or were refused.",
+			Name:    "cellmesh_handoff_hold_seconds",
+			Help:    "How long requests for a shard being handed off (draining) were held at its old owner before they went on (to the app or the new owner) or were refused.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
 		noLease: prometheus.NewCounter(prometheus.CounterOpts{

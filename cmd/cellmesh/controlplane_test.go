@@ -374,15 +374,22 @@ func endpointUnits(admin string) int {
 
 func (cm *cpMesh) writeSidecarConfig(p *meshProc, path string, servers []string) {
 	cm.t.Helper()
-	cfg := fmt.Sprintf(`identity: {region: %s, unit: %s, service: echo}
+	cm.writeServiceSidecarConfig(p, path, "echo", servers)
+}
+
+// writeServiceSidecarConfig writes the file of a sidecar of service on
+// xDS (and gossip, when the mesh gossips).
+func (cm *cpMesh) writeServiceSidecarConfig(p *meshProc, path, service string, servers []string) {
+	cm.t.Helper()
+	cfg := fmt.Sprintf(`identity: {region: %s, unit: %s, service: %s}
 app: %s
 listen: {outbound: %s, inbound_quic: %s, inbound_tcp: %s, admin: %s}
-tls: {ca: certs/ca.pem, cert: certs/%s-echo.pem, key: certs/%s-echo-key.pem}
+tls: {ca: certs/ca.pem, cert: certs/%s-%s.pem, key: certs/%s-%s-key.pem}
 reload_interval: 1h
 drain_timeout: 10s
 misroute_correction: true
 xds: {servers: [%s], advertise: quic}
-`, p.region, p.unit, p.app, p.outbound, p.quic, p.tcp, p.admin, p.unit, p.unit, strings.Join(servers, ", "))
+`, p.region, p.unit, service, p.app, p.outbound, p.quic, p.tcp, p.admin, p.unit, service, p.unit, service, strings.Join(servers, ", "))
 	if cm.gossipKey != "" {
 		cfg += fmt.Sprintf("gossip: {bind: %s, join: [%s], profile: fast, key_file: %s}\n", freeGossip(cm.t), strings.Join(cm.gossipSeeds, ", "), cm.gossipKey)
 	}

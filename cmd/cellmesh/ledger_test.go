@@ -107,19 +107,7 @@ func startLedgerMesh(t *testing.T) *ledgerMesh {
 		p := &meshProc{unit: unit, region: region, outbound: freeTCP(t), quic: freeUDP(t), tcp: freeTCP(t), admin: freeTCP(t), app: freeTCP(t)}
 		cm.cli("certs", "issue", "--dir", cm.certs, "--region", region, "--unit", unit, "--service", "ledger")
 		p.configPath = filepath.Join(cm.dir, unit+".yaml")
-		cfg := fmt.Sprintf(`identity: {region: %s, unit: %s, service: ledger}
-app: %s
-listen: {outbound: %s, inbound_quic: %s, inbound_tcp: %s, admin: %s}
-tls: {ca: certs/ca.pem, cert: certs/%s-ledger.pem, key: certs/%s-ledger-key.pem}
-reload_interval: 1h
-drain_timeout: 10s
-misroute_correction: true
-xds: {servers: [%s], advertise: quic}
-gossip: {bind: %s, join: [%s], profile: fast, key_file: %s}
-`, region, unit, p.app, p.outbound, p.quic, p.tcp, p.admin, unit, unit, strings.Join(servers, ", "), freeGossip(t), strings.Join(cm.gossipSeeds, ", "), cm.gossipKey)
-		if err := os.WriteFile(p.configPath, []byte(cfg), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		cm.writeServiceSidecarConfig(p, p.configPath, "ledger", servers)
 		u := &ledgerUnit{meshProc: p, ledgerLog: filepath.Join(cm.dir, unit+"-ledger.log")}
 		u.ledger, u.ledgerDone = cm.start(u.ledgerLog, lm.ledgerBin, "--unit", unit, "--region", region, "--listen", p.app,
 			"--data-dir", filepath.Join(cm.dir, unit+"-data"), "--mesh", p.outbound, "--sidecar-admin", p.admin)
@@ -693,6 +681,36 @@ func TestLedgerProof(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("the move once the standby caught up: exit %d\n%s", code, out)
 	}
+	// The old owner, now the first standby, lags in turn: only
+	// --accept-data-loss moves the shard back, and the gap is recorded.
+	post(lm.lunits[owner].app, "/debug/apply-delay?delay=1h")
+	c.outbound = lm.lunits[standby].outbound
+	for i := range 2 {
+		call := c.now()
+		out, ok := c.do("POST", "/accounts/"+uid+"/deposit", uid, fmt.Sprintf("lag-back-%d", i), map[string]any{"amount": 1}, 10*time.Second)
+		c.record(uid, call, acctInput{Kind: "deposit", Amount: 1}, out, ok)
+	}
+	out, code = lm.ctl(live[0], "move", strconv.Itoa(shard), "--to", owner, "--accept-data-loss")
+	if code != 0 || !strings.Contains(out, "DATA LOSS ACCEPTED: the standby lacked") {
+		t.Fatalf("a forced move to a lagging standby: exit %d\n%s", code, out)
+	}
+	var hs struct {
+		Handoffs []struct {
+			Shard          int
+			Phase          string
+			AcceptDataLoss bool   `json:"accept_data_loss"`
+			Gap            uint64 `json:"gap"`
+		}
+	}
+	lm.api(live[0], "GET", "/v1/handoffs", "", &hs)
+	if last := hs.Handoffs[len(hs.Handoffs)-1]; last.Shard != shard || last.Phase != "done" || !last.AcceptDataLoss || last.Gap == 0 {
+		t.Fatalf("the forced handoff's record: %+v", last)
+	}
+	if now := lm.shards()[shard]; now.Unit != owner || now.State != "serving" {
+		t.Fatalf("shard %d after the forced move: %+v", shard, now)
+	}
+	post(lm.lunits[owner].app, "/debug/apply-delay?delay=0")
+	t.Logf("forced back to %s with --accept-data-loss: %s", owner, strings.TrimSpace(out))
 	for _, a := range accounts {
 		call := c.now()
 		if res, ok := c.do("GET", "/accounts/"+a, a, "", nil, 10*time.Second); ok {

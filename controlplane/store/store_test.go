@@ -54,21 +54,28 @@ func open(t *testing.T, cfg Config) *Store {
 	return s
 }
 
+// withTopology opens a single replica, waits for its leadership and
+// commits the local example's topology.
+func withTopology(t *testing.T, cfg Config) *Store {
+	t.Helper()
+	s := open(t, cfg)
+	waitFor(t, "leadership", s.IsLeader)
+	c := cmd(OpSetTopology)
+	c.Topology = topology(t)
+	if _, err := s.Apply(context.Background(), c); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func cmd(op string) Command { return Command{Op: op, Who: "test", At: time.Unix(1700000000, 0).UTC()} }
 
 // A single replica commits topology changes and moves, refuses a stale
 // epoch without changing anything, and comes back from disk with all of it.
 func TestSingleReplicaRestart(t *testing.T) {
-	dir := t.TempDir()
-	cfg := Config{ID: "cp-1", Dir: dir, Bind: freeAddr(t), Bootstrap: true}
-	s := open(t, cfg)
-	waitFor(t, "leadership", s.IsLeader)
+	cfg := Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true}
+	s := withTopology(t, cfg)
 	ctx := context.Background()
-	c := cmd(OpSetTopology)
-	c.Topology = topology(t)
-	if _, err := s.Apply(ctx, c); err != nil {
-		t.Fatal(err)
-	}
 	mv := cmd(OpMove)
 	mv.Shard, mv.To, mv.Epoch = 7, "eu-west-1", 1
 	m, err := s.Apply(ctx, mv)
@@ -195,16 +202,9 @@ func TestThreeReplicas(t *testing.T) {
 // and TTL; units the map lacks are skipped; the leases survive a snapshot
 // and a restart; a grant without a ttl is refused.
 func TestLeases(t *testing.T) {
-	dir := t.TempDir()
-	cfg := Config{ID: "cp-1", Dir: dir, Bind: freeAddr(t), Bootstrap: true}
-	s := open(t, cfg)
-	waitFor(t, "leadership", s.IsLeader)
+	cfg := Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true}
+	s := withTopology(t, cfg)
 	ctx := context.Background()
-	c := cmd(OpSetTopology)
-	c.Topology = topology(t)
-	if _, err := s.Apply(ctx, c); err != nil {
-		t.Fatal(err)
-	}
 	g := cmd(OpGrant)
 	g.Grants, g.TTL = []string{"us-east-1", "mars-1"}, 6*time.Second
 	for range 2 {
@@ -248,16 +248,9 @@ func TestLeases(t *testing.T) {
 // OpHealth marks endpoints down and up by key; the same health again
 // changes nothing, and a snapshot keeps it.
 func TestEndpointHealth(t *testing.T) {
-	dir := t.TempDir()
-	cfg := Config{ID: "cp-1", Dir: dir, Bind: freeAddr(t), Bootstrap: true}
-	s := open(t, cfg)
-	waitFor(t, "leadership", s.IsLeader)
+	cfg := Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true}
+	s := withTopology(t, cfg)
 	ctx := context.Background()
-	c := cmd(OpSetTopology)
-	c.Topology = topology(t)
-	if _, err := s.Apply(ctx, c); err != nil {
-		t.Fatal(err)
-	}
 	reg := func(unit, addr string) EndpointChange {
 		return EndpointChange{Registration: Registration{Service: "echo", Unit: unit, Address: addr, Transport: "quic", Via: "cp-1", Session: "s-" + addr}}
 	}
@@ -315,14 +308,8 @@ func TestEndpointHealth(t *testing.T) {
 // compare-and-sets; a refused one changes nothing; handoff records are
 // kept by ID.
 func TestHandoffCommands(t *testing.T) {
-	s := open(t, Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true})
-	waitFor(t, "leadership", s.IsLeader)
+	s := withTopology(t, Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true})
 	ctx := context.Background()
-	c := cmd(OpSetTopology)
-	c.Topology = topology(t)
-	if _, err := s.Apply(ctx, c); err != nil {
-		t.Fatal(err)
-	}
 	var re *RefusedError
 	st := cmd(OpState)
 	st.Shard, st.Epoch, st.State = 7, 9, routing.StateDraining
