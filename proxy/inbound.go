@@ -148,7 +148,7 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 					s.forwardToOwner(sw, r, rt, *owner)
 					return
 				}
-				if s.refuseWithoutLease(sw, d.Write, routing.ShardName(d.Shard)) {
+				if s.refuseWithoutLease(sw, r, d.Write, routing.ShardName(d.Shard)) {
 					return
 				}
 			default:

@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -73,14 +74,28 @@ func (s *Sidecar) leaseStatus() *LeaseStatus {
 // unit's shards while the unit holds no lease (I3): a unit cut off from
 // the control plane stops taking writes before the control plane may
 // promote a standby, which it does only after the lease ended on its
-// clock. It applies to a sidecar that follows a control plane (xDS); with
-// files there is no lease. It reports whether it answered.
-func (s *Sidecar) refuseWithoutLease(w http.ResponseWriter, write bool, shard string) bool {
-	if !write || s.xds.Load() == nil || s.LeaseRemaining() > 0 {
+// clock. A read goes on, since the data stays readable while no replica
+// answers, but its answer is marked x-cellmesh-stale (a standby may own
+// the shard by now); a read that asked for x-cellmesh-consistency:
+// linearizable is refused as a write is. It applies to a sidecar that
+// follows a control plane (xDS); with files there is no lease. It
+// reports whether it answered.
+func (s *Sidecar) refuseWithoutLease(w http.ResponseWriter, r *http.Request, write bool, shard string) bool {
+	if s.xds.Load() == nil || s.LeaseRemaining() > 0 {
 		return false
 	}
-	s.m.noLease.Inc()
+	linearizable := strings.EqualFold(r.Header.Get(hdrConsistency), "linearizable")
+	if !write && !linearizable {
+		s.m.staleReads.Inc()
+		w.Header().Set(hdrStale, "no-lease")
+		return false
+	}
+	what := "writes"
+	if !write {
+		what = "linearizable reads"
+	}
+	s.m.noLease.WithLabelValues(map[bool]string{true: "write", false: "read"}[write]).Inc()
 	w.Header().Set("Retry-After", "1")
-	answer(w, http.StatusServiceUnavailable, "no-lease", fmt.Sprintf("unit %s holds no lease from the control plane, so it takes no writes for %s (its shards may be moving to a standby): retry", s.cfg.Identity.Unit, shard))
+	answer(w, http.StatusServiceUnavailable, "no-lease", fmt.Sprintf("unit %s holds no lease from the control plane, so it takes no %s for %s (its shards may be moving to a standby): retry", s.cfg.Identity.Unit, what, shard))
 	return true
 }

@@ -12,8 +12,9 @@ import (
 )
 
 // send sends method for uid to service echo through a sidecar's outbound
-// port and returns the status and x-cellmesh-error.
-func send(t *testing.T, outbound, method, uid string) (int, string) {
+// port, with the header pairs hdr, and returns the status and the
+// answer's headers.
+func send(t *testing.T, outbound, method, uid string, hdr ...string) (int, http.Header) {
 	t.Helper()
 	req, err := http.NewRequest(method, "http://"+outbound+"/accounts", strings.NewReader("{}"))
 	if err != nil {
@@ -21,18 +22,22 @@ func send(t *testing.T, outbound, method, uid string) (int, string) {
 	}
 	req.Host = "echo"
 	req.Header.Set("x-cellmesh-uid", uid)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
 	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	return resp.StatusCode, resp.Header.Get("x-cellmesh-error")
+	return resp.StatusCode, resp.Header
 }
 
 // I3 at the sidecar: a unit that holds no lease takes no writes for its
 // shards, whether they come from another unit (inbound) or from its own
-// app (the local path); reads go on, and so do writes elsewhere. A grant
-// opens writes; when it runs out they stop again.
+// app (the local path); reads go on, marked stale, unless they ask to be
+// linearizable; writes elsewhere go on. A grant opens writes and unmarks
+// reads; when it runs out they stop again.
 func TestNoWritesWithoutLease(t *testing.T) {
 	m := newMesh(t, meshOpts{})
 	topo := expand(t, m.topo)
@@ -57,16 +62,26 @@ func TestNoWritesWithoutLease(t *testing.T) {
 	peer := m.nodes["eu-west-1"].addrs.Outbound
 	const own, other = "2088000000007", "2088000000057" // shards 7 (us-east-1) and 57 (eu-west-1)
 
-	check := func(what, outbound, method, uid string, code int, kind string) {
+	// check sends a request and wants its status, error kind and stale
+	// mark; a read with linearizable asks for a linearizable read.
+	check := func(what, outbound, method, uid string, linearizable bool, code int, kind, stale string) {
 		t.Helper()
-		if c, k := send(t, outbound, method, uid); c != code || k != kind {
-			t.Fatalf("%s: %s for %s answered %d %q, want %d %q", what, method, uid, c, k, code, kind)
+		var hdr []string
+		if linearizable {
+			hdr = []string{"x-cellmesh-consistency", "linearizable"}
+		}
+		c, h := send(t, outbound, method, uid, hdr...)
+		if k, st := h.Get("x-cellmesh-error"), h.Get("x-cellmesh-stale"); c != code || k != kind || st != stale {
+			t.Fatalf("%s: %s for %s answered %d %q (stale %q), want %d %q (stale %q)", what, method, uid, c, k, st, code, kind, stale)
 		}
 	}
-	check("no lease yet, from another unit", peer, "POST", own, http.StatusServiceUnavailable, "no-lease")
-	check("no lease yet, from its own app", x.addrs.Outbound, "POST", own, http.StatusServiceUnavailable, "no-lease")
-	check("no lease yet, a read", peer, "GET", own, http.StatusOK, "")
-	check("no lease yet, a write to another unit", x.addrs.Outbound, "POST", other, http.StatusOK, "")
+	check("no lease yet, from another unit", peer, "POST", own, false, http.StatusServiceUnavailable, "no-lease", "")
+	check("no lease yet, from its own app", x.addrs.Outbound, "POST", own, false, http.StatusServiceUnavailable, "no-lease", "")
+	check("no lease yet, a read", peer, "GET", own, false, http.StatusOK, "", "no-lease")
+	check("no lease yet, a linearizable read", peer, "GET", own, true, http.StatusServiceUnavailable, "no-lease", "")
+	check("no lease yet, a linearizable read from its own app", x.addrs.Outbound, "GET", own, true, http.StatusServiceUnavailable, "no-lease", "")
+	check("no lease yet, a write to another unit", x.addrs.Outbound, "POST", other, false, http.StatusOK, "", "")
+	check("no lease yet, a read of another unit's shard", x.addrs.Outbound, "GET", other, true, http.StatusOK, "", "")
 
 	grant := func(seq, ttlMillis uint64) {
 		t.Helper()
@@ -77,16 +92,22 @@ func TestNoWritesWithoutLease(t *testing.T) {
 		waitFor(t, xdsWait, func() bool { g := x.sc.lease.Load(); return g != nil && g.seq == seq }, "the grant")
 	}
 	grant(1, 60000)
-	check("with a lease, from another unit", peer, "POST", own, http.StatusOK, "")
-	check("with a lease, from its own app", x.addrs.Outbound, "PUT", own, http.StatusOK, "")
+	check("with a lease, from another unit", peer, "POST", own, false, http.StatusOK, "", "")
+	check("with a lease, from its own app", x.addrs.Outbound, "PUT", own, false, http.StatusOK, "", "")
+	check("with a lease, a read", peer, "GET", own, false, http.StatusOK, "", "")
+	check("with a lease, a linearizable read", x.addrs.Outbound, "GET", own, true, http.StatusOK, "", "")
 
 	// A short grant runs out: writes stop, with no word from the control
 	// plane.
 	grant(2, 700)
 	waitFor(t, xdsWait, func() bool { return x.sc.LeaseRemaining() == 0 }, "the short lease to end")
-	check("the lease ended", peer, "DELETE", own, http.StatusServiceUnavailable, "no-lease")
-	check("the lease ended, a read", x.addrs.Outbound, "GET", own, http.StatusOK, "")
-	if v := testutil.ToFloat64(x.sc.m.noLease); v != 3 {
-		t.Fatalf("cellmesh_lease_refused_writes_total = %v, want 3", v)
+	check("the lease ended", peer, "DELETE", own, false, http.StatusServiceUnavailable, "no-lease", "")
+	check("the lease ended, a read", x.addrs.Outbound, "GET", own, false, http.StatusOK, "", "no-lease")
+	check("the lease ended, a linearizable read", peer, "GET", own, true, http.StatusServiceUnavailable, "no-lease", "")
+	if w, r := testutil.ToFloat64(x.sc.m.noLease.WithLabelValues("write")), testutil.ToFloat64(x.sc.m.noLease.WithLabelValues("read")); w != 3 || r != 3 {
+		t.Fatalf("cellmesh_lease_refused_total = %v writes, %v reads, want 3 and 3", w, r)
+	}
+	if v := testutil.ToFloat64(x.sc.m.staleReads); v != 2 {
+		t.Fatalf("cellmesh_stale_reads_total = %v, want 2", v)
 	}
 }

@@ -13,7 +13,8 @@ type metrics struct {
 	duration    *prometheus.HistogramVec
 	misrouted   *prometheus.CounterVec
 	fenced      prometheus.Counter
-	noLease     prometheus.Counter
+	noLease     *prometheus.CounterVec
+	staleReads  prometheus.Counter
 	holdSeconds prometheus.Histogram
 	inflight    *prometheus.GaugeVec
 	// inflightBy are inflight's two children, looked up once.
@@ -56,9 +57,13 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 			Help:    "How long requests for a shard being handed off (draining) were held at its old owner before they went on (to the app or the new owner) or were refused.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
-		noLease: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "cellmesh_lease_refused_writes_total",
-			Help: "Writes for this unit's shards refused (503 no-lease) because the unit holds no lease from the control plane.",
+		noLease: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_lease_refused_total",
+			Help: "Requests for this unit's shards refused (503 no-lease) because the unit holds no lease from the control plane, by request (write, or a read that asked for x-cellmesh-consistency: linearizable).",
+		}, []string{"request"}),
+		staleReads: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cellmesh_stale_reads_total",
+			Help: "Reads of this unit's shards served while the unit held no lease, marked x-cellmesh-stale: their data may be older than a new owner's.",
 		}),
 		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cellmesh_requests_in_flight",
@@ -109,7 +114,7 @@ func newMetrics(reg prometheus.Registerer, s *Sidecar) *metrics {
 		Name: "cellmesh_lease_remaining_seconds",
 		Help: "How long the unit's lease from the control plane lasts, as this sidecar counts it (0: none or ended).",
 	}, func() float64 { return s.LeaseRemaining().Seconds() })
-	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.noLease, m.holdSeconds, m.inflight, m.tlsRejected,
+	reg.MustRegister(m.requests, m.duration, m.misrouted, m.fenced, m.noLease, m.staleReads, m.holdSeconds, m.inflight, m.tlsRejected,
 		m.unreachable, m.reloads, m.mapVersion, m.ready, certExpiry, m.xdsConnected, m.xdsUpdates, m.xdsReconnects, leaseRemaining)
 	return m
 }

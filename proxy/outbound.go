@@ -33,6 +33,12 @@ const (
 	hdrHops = "X-Cellmesh-Hops"
 	// hdrError names what failed when the sidecar answers instead of the app.
 	hdrError = "X-Cellmesh-Error"
+	// hdrConsistency: "linearizable" on a read asks for a refusal (503
+	// no-lease) rather than data that may be stale.
+	hdrConsistency = "X-Cellmesh-Consistency"
+	// hdrStale marks the answer to a read served while the owner unit held
+	// no lease: a standby may own the shard by now, with newer data.
+	hdrStale = "X-Cellmesh-Stale"
 	// globalShard is the x-cellmesh-shard value of the gzone writer.
 	globalShard = "global"
 )
@@ -40,7 +46,7 @@ const (
 // appHeaders are the x-cellmesh-* request headers an app may set; the
 // outbound listener drops every other one, so an app cannot forge a
 // routing decision, an epoch or its origin.
-var appHeaders = map[string]bool{hdrUID: true, hdrShadow: true, hdrTargetUnit: true, hdrService: true}
+var appHeaders = map[string]bool{hdrUID: true, hdrShadow: true, hdrTargetUnit: true, hdrService: true, hdrConsistency: true}
 
 // route is the decision for one request, carried in its context from the
 // handler to the transport and the error handler.
@@ -168,7 +174,7 @@ func (s *Sidecar) serveOutbound(w http.ResponseWriter, r *http.Request) {
 				s.outProxy.ServeHTTP(sw, r)
 				return
 			}
-			if s.refuseWithoutLease(sw, d.Write, routing.ShardName(rt.shard)) {
+			if s.refuseWithoutLease(sw, r, d.Write, routing.ShardName(rt.shard)) {
 				return
 			}
 		}

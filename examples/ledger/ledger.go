@@ -127,9 +127,10 @@ type assignment struct {
 	Standbys []string
 }
 
-// refreshMap reads the shard map from the sidecar's /config, and steps
-// down from the primary role of every shard the map gives another unit at
-// a newer epoch (a failover happened while this unit was away).
+// refreshMap reads the shard map from the sidecar's /config, steps down
+// from the primary role of every shard the map gives another unit at a
+// newer epoch (a failover happened while this unit was away), and takes
+// the primary role of the shards the map gives it that it never held.
 func (l *Ledger) refreshMap(ctx context.Context) {
 	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+l.cfg.SidecarAdmin+"/config", nil)
 	resp, err := l.client.Do(req)
@@ -164,6 +165,16 @@ func (l *Ledger) refreshMap(ctx context.Context) {
 			if _, err := l.become(shard, RoleStandby, a.Epoch); err == nil {
 				l.log.Info("stepped down: the map gives the shard to another unit", "shard", shard, "owner", a.Primary, "epoch", a.Epoch)
 			}
+		}
+	}
+	// A shard the map gives this unit that it holds nothing of (never
+	// written) is taken as the primary now, as its first write would take
+	// it: notifyStandbys then tells the standby, which so knows it is in
+	// sync with an empty log. Without that word a failover could not tell
+	// a fresh standby from a wiped one, and would block.
+	for shard, a := range m {
+		if _, held := shards[shard]; !held && a.Primary == l.cfg.Unit {
+			_, _ = l.become(shard, RolePrimary, a.Epoch)
 		}
 	}
 }

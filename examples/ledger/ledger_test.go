@@ -334,3 +334,24 @@ func TestLedgerIdempotencyKeys(t *testing.T) {
 		t.Fatalf("bob has %d after two transfers of 5 with the same key from two senders, want 10", got)
 	}
 }
+
+// A shard never written still has a standby that knows it is in sync: the
+// primary takes the shards the map gives it and tells their standbys, so
+// an unplanned failover can prove nothing is lost without the primary's
+// last word (a control-plane leader that never heard from it).
+func TestLedgerFreshShardStandbyInSync(t *testing.T) {
+	f := newFakeMesh(t)
+	f.assign(9, "us-east-1", 3, "eu-west-1")
+	a, b := f.start("us-east-1"), f.start("eu-west-1")
+	if r := report(t, a, 9); r.Role != RolePrimary || r.Epoch != 3 {
+		t.Fatalf("the primary of a shard it never wrote: %+v, want primary at epoch 3", r)
+	}
+	a.notifyStandbys(context.Background())
+	if r := report(t, b, 9); r.Role != RoleStandby || r.Epoch != 3 || !r.Sync || r.Received != 0 {
+		t.Fatalf("the standby of a shard never written: %+v, want standby at epoch 3, in sync, empty", r)
+	}
+	// The standby takes nothing it is not given.
+	if r := report(t, b, 10); r.Role != "" {
+		t.Fatalf("a shard outside the map on the standby: %+v", r)
+	}
+}
