@@ -15,8 +15,9 @@ const leaseSkewMargin = 500 * time.Millisecond
 // leaseGrant is the unit's lease as this sidecar received it.
 type leaseGrant struct {
 	seq      uint64
-	ttl      time.Duration
-	received time.Time // with its monotonic reading
+	ttl      time.Duration // what is left of it at receipt
+	full     time.Duration // the TTL the control plane granted
+	received time.Time     // with its monotonic reading
 }
 
 // LeaseStatus is the unit's lease as /config shows it.
@@ -40,7 +41,7 @@ func (s *Sidecar) grantLease(seq uint64, ttl time.Duration, granted time.Time) b
 		return false
 	}
 	now := time.Now()
-	g := &leaseGrant{seq: seq, ttl: ttl, received: now}
+	g := &leaseGrant{seq: seq, ttl: ttl, full: ttl, received: now}
 	if !granted.IsZero() {
 		if age := now.Sub(granted); age > 0 {
 			g.ttl = max(0, ttl-age)
@@ -60,6 +61,19 @@ func (s *Sidecar) LeaseRemaining() time.Duration {
 		return 0
 	}
 	return max(0, g.ttl-leaseSkewMargin-time.Since(g.received))
+}
+
+// silenceLimit is how long an xDS stream may stay silent before the
+// sidecar gives it up for another replica: half the lease's TTL while the
+// unit holds a lease (the leader renews it every quarter TTL, so two
+// renewals were missed, and another replica can still renew it in time);
+// 0 (no limit) without a lease.
+func (s *Sidecar) silenceLimit() time.Duration {
+	g := s.lease.Load()
+	if g == nil || s.LeaseRemaining() <= 0 {
+		return 0
+	}
+	return g.full / 2
 }
 
 func (s *Sidecar) leaseStatus() *LeaseStatus {

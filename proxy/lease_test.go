@@ -1,8 +1,12 @@
 package proxy
 
 import (
+	"fmt"
+	"net"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -110,4 +114,104 @@ func TestNoWritesWithoutLease(t *testing.T) {
 	if v := testutil.ToFloat64(x.sc.m.staleReads); v != 2 {
 		t.Fatalf("cellmesh_stale_reads_total = %v, want 2", v)
 	}
+}
+
+// freezeRelay carries TCP connections to a replica until frozen; frozen,
+// it drops what either side sends without closing anything, as a
+// partition does.
+type freezeRelay struct {
+	ln     net.Listener
+	frozen atomic.Bool
+}
+
+func newFreezeRelay(t *testing.T, target string) *freezeRelay {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &freezeRelay{ln: ln}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	pipe := func(dst, src net.Conn) {
+		defer wg.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				dst.Close()
+				return
+			}
+			if !r.frozen.Load() {
+				if _, err := dst.Write(buf[:n]); err != nil {
+					return
+				}
+			}
+		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, up)
+			mu.Unlock()
+			wg.Add(2)
+			go pipe(up, c)
+			go pipe(c, up)
+		}
+	}()
+	return r
+}
+
+// A replica that goes silent (cut off, nothing reset) is given up after
+// half the lease's TTL, and the next one renews the lease before it runs
+// out: gRPC's own pings would notice only after about 15 s.
+func TestXDSSilentReplicaGivenUpBeforeTheLeaseEnds(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	topo := expand(t, m.topo)
+	cp := newTestCP(t, m.ca, cpID("cp-1"), "127.0.0.1:0")
+	cp.publish(topo, m.endpoints())
+	relays := map[string]*freezeRelay{}
+	var servers []string
+	for range 2 {
+		r := newFreezeRelay(t, cp.addr)
+		relays[r.ln.Addr().String()] = r
+		servers = append(servers, r.ln.Addr().String())
+	}
+	id := Identity{Region: "us-east", Unit: "us-east-1", Service: "echo"}
+	x := xdsNode(t, m.ca, id, XDSConfig{Servers: servers}, nil)
+	grant := func(seq uint64) {
+		t.Helper()
+		l := &cellmeshv1.Lease{Name: "us-east-1", Unit: "us-east-1", Seq: seq, TtlMillis: 4000, GrantedUnixMillis: uint64(time.Now().UnixMilli())}
+		if err := cp.leases.UpdateResource("us-east-1", l); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, xdsWait, func() bool { g := x.sc.lease.Load(); return g != nil && g.seq == seq }, fmt.Sprintf("grant %d", seq))
+	}
+	grant(1)
+	used := x.sc.xds.Load().snapshot().Server
+	relays[used].frozen.Store(true)
+	waitFor(t, xdsWait, func() bool { return x.logs.contains("nothing from the replica for 2s (half the lease's TTL)") }, "the silent replica given up")
+	waitFor(t, xdsWait, func() bool { s := x.sc.xds.Load().snapshot(); return s.Connected && s.Server != used }, "a stream from the other replica")
+	grant(2) // renewed through the other replica
 }

@@ -31,6 +31,9 @@ type upstream struct {
 	qt  *quic.Transport
 	h3  *http3.Transport
 	h2  *http2.Transport
+	// conns are the connections open to peers, to close those to a dead
+	// one.
+	conns peerConns
 }
 
 func newUpstream(s *Sidecar) *upstream {
@@ -124,6 +127,7 @@ func (u *upstream) dialQUIC(ctx context.Context, addr string, _ *tls.Config, qc 
 	if err != nil {
 		return nil, &dialError{ep.Endpoint, err}
 	}
+	u.conns.trackQUIC(ep.key(), conn)
 	return conn, nil
 }
 
@@ -156,13 +160,22 @@ func (u *upstream) dialTLS(ctx context.Context, _, addr string, _ *tls.Config) (
 		return nil, &dialError{ep.Endpoint, err}
 	}
 	c.SetReadDeadline(time.Time{})
-	return &peekedConn{Conn: c, buf: buf[:n]}, nil
+	pc := &peekedConn{Conn: c, buf: buf[:n], closed: func(pc *peekedConn) { u.conns.remove(ep.key(), pc) }}
+	u.conns.add(ep.key(), pc)
+	return pc, nil
 }
 
 // peekedConn returns the bytes read ahead before reading the connection.
 type peekedConn struct {
 	net.Conn
-	buf []byte
+	buf    []byte
+	closed func(*peekedConn)
+	once   sync.Once
+}
+
+func (c *peekedConn) Close() error {
+	c.once.Do(func() { c.closed(c) })
+	return c.Conn.Close()
 }
 
 func (c *peekedConn) Read(p []byte) (int, error) {

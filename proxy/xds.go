@@ -382,7 +382,8 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 		grpc.WithStaticStreamWindowSize(xdsapi.FlowWindow), grpc.WithStaticConnWindowSize(xdsapi.FlowWindow),
 		// A replica cut off without a reset (a partition) is noticed by
 		// pings within about 15 s, and the next replica is tried; the
-		// control plane allows pings every 5 s.
+		// control plane allows pings every 5 s. With a lease, silence is
+		// noticed sooner (see watch below).
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
 	)
 	if err != nil {
@@ -521,10 +522,40 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 		}
 	}()
 
+	// A replica cut off without a reset (a partition) just goes silent.
+	// gRPC's pings would notice after about 15 s (grpc-go pings no more
+	// often than every 10 s), longer than a lease: while the unit holds a
+	// lease, which the leader renews every quarter TTL, a stream silent for
+	// half the TTL is given up and the next replica tried, in time to
+	// renew the lease there.
+	var silence *time.Timer
+	var silent <-chan time.Time
+	var limit time.Duration
+	heard := time.Now() // the last response
+	watch := func() {
+		if limit = c.s.silenceLimit(); limit == 0 {
+			silent = nil
+			return
+		}
+		d := time.Until(heard.Add(limit))
+		if silence == nil {
+			silence = time.NewTimer(d)
+		} else {
+			silence.Reset(d)
+		}
+		silent = silence.C
+	}
+	defer func() {
+		if silence != nil {
+			silence.Stop()
+		}
+	}()
+
 	c.s.m.xdsConnected.Set(1)
 	c.setStatus(func(st *XDSStatus) { st.Connected, st.Server = true, server })
 	log.Info("xds stream open")
 	for {
+		watch() // after what the last response changed (a first lease)
 		if c.held > 0 && holdEnded == nil {
 			holdTimer = time.NewTimer(c.cfg.holdTimeout)
 			holdEnded = holdTimer.C
@@ -542,6 +573,8 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 			continue
 		case <-ctx.Done():
 			return answered, ctx.Err()
+		case <-silent:
+			return answered, fmt.Errorf("nothing from the replica for %s (half the lease's TTL) while it should renew the lease every quarter TTL: it may be cut off; trying the next", limit)
 		case req := <-delayed:
 			if req.ResponseNonce != ss.nonces[req.TypeUrl] {
 				continue // a newer response of the type has been answered
@@ -563,6 +596,7 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 			return answered, in.err
 		}
 		answered = true
+		heard = time.Now()
 		r := in.r
 		typ := r.GetTypeUrl()
 		if typ != resource.ClusterType && typ != resource.EndpointType && typ != xdsapi.ShardMapType && typ != xdsapi.LeaseType {
@@ -732,6 +766,7 @@ func (c *xdsClient) applyClusters(log *slog.Logger, r *discovery.DiscoveryRespon
 
 func (c *xdsClient) applyEndpoints(log *slog.Logger, r *discovery.DiscoveryResponse) error {
 	clas := maps.Clone(c.clas)
+	var dead []string
 	for i, a := range r.GetResources() {
 		var cla endpointv3.ClusterLoadAssignment
 		if err := unwrap(a, &cla); err != nil {
@@ -746,11 +781,12 @@ func (c *xdsClient) applyEndpoints(log *slog.Logger, r *discovery.DiscoveryRespo
 			log.Debug("xds load assignment of a cluster not (or no longer) served; ignored", "cluster", name)
 			continue
 		}
-		eps, err := claEndpoints(&cla, svc, unit)
+		eps, gone, err := claEndpoints(&cla, svc, unit)
 		if err != nil {
 			return fmt.Errorf("cluster %s: %w", name, err)
 		}
 		clas[name] = eps
+		dead = append(dead, gone...)
 	}
 	ver, err := strconv.ParseUint(r.GetVersionInfo(), 10, 64)
 	if err != nil {
@@ -761,44 +797,53 @@ func (c *xdsClient) applyEndpoints(log *slog.Logger, r *discovery.DiscoveryRespo
 	}
 	c.clas, c.edsVer = clas, ver
 	log.Debug("xds endpoints updated", "version", r.GetVersionInfo(), "endpoints", len(c.pushed))
+	if n := c.s.up.conns.closeAll(dead); n > 0 {
+		log.Info("closed the connections to peers the control plane finds dead", "connections", n, "endpoints", dead)
+	}
 	return nil
 }
 
-// claEndpoints reads the endpoints of one cluster's load assignment.
-func claEndpoints(cla *endpointv3.ClusterLoadAssignment, svc, unit string) ([]Endpoint, error) {
-	var eps []Endpoint
+// claEndpoints reads the endpoints of one cluster's load assignment: those
+// in load balancing, and the keys (transport://address) of those the
+// control plane finds dead (UNHEALTHY, TIMEOUT), whose connections are
+// closed. DRAINING endpoints are out of load balancing too, as Envoy
+// leaves them, but keep their connections.
+func claEndpoints(cla *endpointv3.ClusterLoadAssignment, svc, unit string) (eps []Endpoint, dead []string, err error) {
 	for _, loc := range cla.GetEndpoints() {
 		if z := loc.GetLocality().GetZone(); z != "" && z != unit {
-			return nil, fmt.Errorf("locality zone %q, but the cluster is of unit %s", z, unit)
+			return nil, nil, fmt.Errorf("locality zone %q, but the cluster is of unit %s", z, unit)
 		}
 		for j, lb := range loc.GetLbEndpoints() {
-			switch lb.GetHealthStatus() {
-			case core.HealthStatus_UNHEALTHY, core.HealthStatus_DRAINING, core.HealthStatus_TIMEOUT:
-				continue // out of load balancing, as Envoy leaves it
-			}
 			sa := lb.GetEndpoint().GetAddress().GetSocketAddress()
 			if sa == nil {
-				return nil, fmt.Errorf("endpoint %d has no socket address", j)
+				return nil, nil, fmt.Errorf("endpoint %d has no socket address", j)
 			}
 			ip, err := netip.ParseAddr(sa.GetAddress())
 			if err != nil {
-				return nil, fmt.Errorf("endpoint %d: address %q is not an IP address", j, sa.GetAddress())
+				return nil, nil, fmt.Errorf("endpoint %d: address %q is not an IP address", j, sa.GetAddress())
 			}
 			port, ok := sa.GetPortSpecifier().(*core.SocketAddress_PortValue)
 			if !ok || port.PortValue == 0 || port.PortValue > 65535 {
-				return nil, fmt.Errorf("endpoint %d (%s): want a port number 1..65535", j, sa.GetAddress())
+				return nil, nil, fmt.Errorf("endpoint %d (%s): want a port number 1..65535", j, sa.GetAddress())
 			}
 			e := Endpoint{Service: svc, Unit: unit, Address: netip.AddrPortFrom(ip, uint16(port.PortValue)).String(), Transport: QUIC}
 			if t := lb.GetMetadata().GetFilterMetadata()["cellmesh"].GetFields()["transport"].GetStringValue(); t != "" {
 				e.Transport = Transport(t)
 			}
 			if err := e.validate(); err != nil {
-				return nil, fmt.Errorf("endpoint %d (%s): %w", j, e.Address, err)
+				return nil, nil, fmt.Errorf("endpoint %d (%s): %w", j, e.Address, err)
+			}
+			switch lb.GetHealthStatus() {
+			case core.HealthStatus_UNHEALTHY, core.HealthStatus_TIMEOUT:
+				dead = append(dead, e.key())
+				continue
+			case core.HealthStatus_DRAINING:
+				continue
 			}
 			eps = append(eps, e)
 		}
 	}
-	return eps, nil
+	return eps, dead, nil
 }
 
 // push gives the sidecar the endpoints of clusters in clas. With retain,

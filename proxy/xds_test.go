@@ -868,6 +868,84 @@ func TestXDSUnhealthyEndpointsDropAtOnce(t *testing.T) {
 	}
 }
 
+// A peer the control plane finds dead (UNHEALTHY, TIMEOUT) has its
+// connections closed: a request in flight to it fails at once with the
+// exchange broken (502 upstream), not at its 15 s timeout (504). A
+// DRAINING peer keeps them: a request in flight to it finishes.
+func TestXDSDeadPeerConnectionsClosed(t *testing.T) {
+	release := make(chan struct{})
+	entered := make(chan struct{}, 4)
+	m := newMesh(t, meshOpts{app: func(id Identity) http.Handler {
+		if id.Unit != "eu-west-2" {
+			return nil
+		}
+		echoH := echo.Handler(echo.Info{Service: id.Service, Unit: id.Unit, Region: id.Region}, nil)
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/hang" {
+				entered <- struct{}{}
+				select {
+				case <-release:
+				case <-r.Context().Done():
+				}
+			}
+			echoH.ServeHTTP(w, r)
+		})
+	}})
+	t.Cleanup(func() { close(release) })
+	topo := expand(t, m.topo)
+	cp := newTestCP(t, m.ca, cpID("cp-1"), "127.0.0.1:0")
+	cp.publish(topo, m.endpoints())
+	x := xdsNode(t, m.ca, clientID, XDSConfig{Servers: []string{cp.addr}, holdTimeout: time.Hour}, nil)
+	all := sorted(m.endpoints())
+	waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), all) }, "every endpoint")
+	waitRoute(t, x, "80", "eu-west-2")
+	// hang sends a request to eu-west-2 that its app holds, and returns
+	// its answer's status and error kind once the app has it.
+	hang := func() <-chan [2]string {
+		out := make(chan [2]string, 1)
+		go func() {
+			req, _ := http.NewRequest("GET", "http://"+x.addrs.Outbound+"/hang", nil)
+			req.Host = "echo"
+			req.Header.Set("x-cellmesh-uid", "80")
+			resp, err := (&http.Client{Timeout: time.Minute}).Do(req)
+			if err != nil {
+				out <- [2]string{err.Error(), ""}
+				return
+			}
+			resp.Body.Close()
+			out <- [2]string{strconv.Itoa(resp.StatusCode), resp.Header.Get("x-cellmesh-error")}
+		}()
+		<-entered
+		return out
+	}
+	mark := func(st core.HealthStatus) {
+		cp.publishEndpoints(topo, m.endpoints(), func(cla *endpointv3.ClusterLoadAssignment) {
+			if _, unit, _ := xdsapi.ParseClusterName(cla.GetClusterName()); unit == "eu-west-2" {
+				for _, lb := range cla.Endpoints[0].LbEndpoints {
+					lb.HealthStatus = st
+				}
+			}
+		})
+	}
+	for _, st := range []core.HealthStatus{core.HealthStatus_UNHEALTHY, core.HealthStatus_TIMEOUT} {
+		answer := hang()
+		mark(st)
+		if got := <-answer; got != [2]string{"502", "upstream"} {
+			t.Fatalf("a request in flight to a peer served %s: %v, want 502 upstream (its connection closed)", st, got)
+		}
+		cp.publishEndpoints(topo, m.endpoints(), nil)
+		waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), all) }, "eu-west-2's endpoints back")
+		waitRoute(t, x, "80", "eu-west-2") // a new connection
+	}
+	answer := hang()
+	mark(core.HealthStatus_DRAINING)
+	waitFor(t, xdsWait, func() bool { return !slices.Equal(endpointsOf(x), all) }, "eu-west-2 draining, out of the pool")
+	release <- struct{}{}
+	if got := <-answer; got != [2]string{"200", ""} {
+		t.Fatalf("a request in flight to a draining peer: %v, want 200", got)
+	}
+}
+
 // A control plane that serves a map but no clusters: the map waits for
 // them a while (as Envoy's initial fetch timeout), then is applied.
 func TestXDSMapWithoutClusters(t *testing.T) {
