@@ -26,11 +26,11 @@ const (
 	ProfileWAN Profile = "wan"
 	// ProfileFast is built on memberlist.DefaultLocalConfig for a dead
 	// member declared within a second at 10 to 50 members: a probe every
-	// 100 ms, an 80 ms probe timeout, suspicion of 4 probe intervals
-	// (scaled by log10 of the pool size) that shrinks as other members
-	// confirm it, gossip every 50 ms. A member paused for 300 ms refutes
-	// its suspicion in time. It costs more packets: meant for a low-latency
-	// network, the demo and tests.
+	// 80 ms, a 60 ms probe timeout, suspicion of 4 probe intervals (scaled
+	// by log10 of the pool size) that shrinks as other members confirm
+	// it, gossip every 50 ms. A member paused for 300 ms refutes its
+	// suspicion in time (bench/gossip.sh --soak). It costs more packets:
+	// meant for a low-latency network, the demo and tests.
 	ProfileFast Profile = "fast"
 )
 
@@ -60,8 +60,8 @@ func (p Profile) config() *memberlist.Config {
 		return memberlist.DefaultWANConfig()
 	case ProfileFast:
 		c := memberlist.DefaultLocalConfig()
-		c.ProbeInterval = 100 * time.Millisecond
-		c.ProbeTimeout = 80 * time.Millisecond
+		c.ProbeInterval = 80 * time.Millisecond
+		c.ProbeTimeout = 60 * time.Millisecond
 		c.IndirectChecks = 3
 		c.SuspicionMult = 4
 		c.SuspicionMaxTimeoutMult = 2
