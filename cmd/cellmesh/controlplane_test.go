@@ -185,7 +185,7 @@ func (cm *cpMesh) ctl(r *cpProc, args ...string) (string, int) {
 
 func (cm *cpMesh) startReplica(r *cpProc) {
 	cm.t.Helper()
-	cmd := exec.Command(cm.bin, r.args...)
+	cmd := cm.net.command(r.region, cm.bin, r.args...)
 	cmd.Env = append(os.Environ(), "CELLMESH_TOKEN="+cpToken)
 	f, err := os.OpenFile(r.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -391,7 +391,7 @@ misroute_correction: true
 xds: {servers: [%s], advertise: quic}
 `, p.region, p.unit, service, p.app, p.outbound, p.quic, p.tcp, p.admin, p.unit, service, p.unit, service, strings.Join(servers, ", "))
 	if cm.gossipKey != "" {
-		cfg += fmt.Sprintf("gossip: {bind: %s, join: [%s], profile: fast, key_file: %s}\n", freeGossip(cm.t), strings.Join(cm.gossipSeeds, ", "), cm.gossipKey)
+		cfg += fmt.Sprintf("gossip: {bind: %s, join: [%s], profile: fast, key_file: %s}\n", cm.net.addr(cm.t, p.region, "gossip"), strings.Join(cm.gossipSeeds, ", "), cm.gossipKey)
 	}
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		cm.t.Fatal(err)

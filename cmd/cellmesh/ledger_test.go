@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"net/http"
@@ -55,11 +56,12 @@ func buildLedger(t *testing.T) string {
 // startLedgerMesh starts the ledger topology (3 regions x 2 units) as
 // processes: three control-plane replicas (one per region) with gossip and
 // the ledger as handoff service, and in every unit a ledger behind a
-// sidecar on xDS and gossip.
-func startLedgerMesh(t *testing.T) *ledgerMesh {
+// sidecar on xDS and gossip. With rn, each region's processes run in the
+// region's network namespace; without, all on loopback.
+func startLedgerMesh(t *testing.T, rn *regionNet) *ledgerMesh {
 	t.Helper()
 	bin, _ := buildBinaries(t)
-	lm := &ledgerMesh{cpMesh: &cpMesh{procMesh: &procMesh{t: t, dir: t.TempDir(), bin: bin, by: map[string]*meshProc{}}}, ledgerBin: buildLedger(t), lunits: map[string]*ledgerUnit{}}
+	lm := &ledgerMesh{cpMesh: &cpMesh{procMesh: &procMesh{t: t, dir: t.TempDir(), bin: bin, by: map[string]*meshProc{}, net: rn}}, ledgerBin: buildLedger(t), lunits: map[string]*ledgerUnit{}}
 	cm := lm.cpMesh
 	cm.cut.Store("")
 	cm.certs = filepath.Join(cm.dir, "certs")
@@ -74,13 +76,13 @@ func startLedgerMesh(t *testing.T) *ledgerMesh {
 	}
 	for i, region := range []string{"us", "eu", "ap"} {
 		id := "cp-" + region
-		r := &cpProc{id: id, region: region, api: freeTCP(t), xds: freeTCP(t), log: filepath.Join(cm.dir, id+".log"), dataDir: filepath.Join(cm.dir, id)}
+		r := &cpProc{id: id, region: region, api: rn.addr(t, region, "tcp"), xds: rn.addr(t, region, "tcp"), log: filepath.Join(cm.dir, id+".log"), dataDir: filepath.Join(cm.dir, id)}
 		cm.cli("certs", "issue", "--dir", cm.certs, "--region", region, "--unit", id, "--service", "cellmesh-controlplane")
 		name := id + "-cellmesh-controlplane"
-		g := freeGossip(t)
+		g := rn.addr(t, region, "gossip")
 		cm.gossipSeeds = append(cm.gossipSeeds, g)
 		r.args = []string{"controlplane", "--id", id, "--region", region, "--data-dir", r.dataDir,
-			"--raft", freeTCP(t), "--api", r.api, "--xds", r.xds,
+			"--raft", rn.addr(t, region, "tcp"), "--api", r.api, "--xds", r.xds,
 			"--tls-ca", filepath.Join(cm.certs, "ca.pem"), "--tls-cert", filepath.Join(cm.certs, name+".pem"),
 			"--tls-key", filepath.Join(cm.certs, name+"-key.pem"), "--log-level", "debug",
 			"--gossip", g, "--gossip-profile", "fast", "--gossip-key-file", cm.gossipKey, "--handoff-service", "ledger"}
@@ -104,15 +106,16 @@ func startLedgerMesh(t *testing.T) *ledgerMesh {
 	}
 	for _, pair := range []string{"us-1:us", "us-2:us", "eu-1:eu", "eu-2:eu", "ap-1:ap", "ap-2:ap"} {
 		unit, region, _ := strings.Cut(pair, ":")
-		p := &meshProc{unit: unit, region: region, outbound: freeTCP(t), quic: freeUDP(t), tcp: freeTCP(t), admin: freeTCP(t), app: freeTCP(t)}
+		p := &meshProc{unit: unit, region: region, outbound: rn.addr(t, region, "tcp"), quic: rn.addr(t, region, "udp"),
+			tcp: rn.addr(t, region, "tcp"), admin: rn.addr(t, region, "tcp"), app: rn.addr(t, region, "tcp")}
 		cm.cli("certs", "issue", "--dir", cm.certs, "--region", region, "--unit", unit, "--service", "ledger")
 		p.configPath = filepath.Join(cm.dir, unit+".yaml")
 		cm.writeServiceSidecarConfig(p, p.configPath, "ledger", servers)
 		u := &ledgerUnit{meshProc: p, ledgerLog: filepath.Join(cm.dir, unit+"-ledger.log")}
-		u.ledger, u.ledgerDone = cm.start(u.ledgerLog, lm.ledgerBin, "--unit", unit, "--region", region, "--listen", p.app,
+		u.ledger, u.ledgerDone = cm.startIn(region, u.ledgerLog, lm.ledgerBin, "--unit", unit, "--region", region, "--listen", p.app,
 			"--data-dir", filepath.Join(cm.dir, unit+"-data"), "--mesh", p.outbound, "--sidecar-admin", p.admin)
 		p.sidecarLog = filepath.Join(cm.dir, unit+"-sidecar.log")
-		p.sidecar, p.sidecarDone = cm.start(p.sidecarLog, bin, "sidecar", "--config", p.configPath, "--log-level", "info")
+		p.sidecar, p.sidecarDone = cm.startIn(region, p.sidecarLog, bin, "sidecar", "--config", p.configPath, "--log-level", "info")
 		cm.units = append(cm.units, p)
 		cm.by[unit] = p
 		lm.lunits[unit] = u
@@ -154,6 +157,15 @@ func (lm *ledgerMesh) shards() map[int]struct {
 	Epoch uint64
 	State string
 } {
+	return lm.shardsFrom(lm.replicas...)
+}
+
+// shardsFrom reads the shard map from the first of replicas that answers.
+func (lm *ledgerMesh) shardsFrom(replicas ...*cpProc) map[int]struct {
+	Unit  string
+	Epoch uint64
+	State string
+} {
 	var out struct {
 		Shards []struct {
 			Shard int
@@ -162,7 +174,7 @@ func (lm *ledgerMesh) shards() map[int]struct {
 			State string
 		}
 	}
-	for _, r := range lm.replicas {
+	for _, r := range replicas {
 		if code, _ := lm.api(r, "GET", "/v1/shards", "", &out); code == 200 {
 			break
 		}
@@ -194,12 +206,12 @@ func (lm *ledgerMesh) liveReplicas() []*cpProc {
 	return out
 }
 
-// checkLeaseWait checks I3 on the record: every unplanned handoff away
-// from unit committed only after the unit's last lease had ended, plus
-// the sidecars' skew margin, on the leader's clock.
-func (lm *ledgerMesh) checkLeaseWait(t *testing.T, unit string) {
+// checkLeaseWait checks I3 on the record, as replica r has it: every
+// unplanned handoff away from unit committed only after the unit's last
+// lease had ended, plus the sidecars' skew margin, on the leader's clock.
+// It returns when the first of them started.
+func (lm *ledgerMesh) checkLeaseWait(t *testing.T, r *cpProc, unit string) time.Time {
 	t.Helper()
-	live := lm.liveReplicas()
 	var hs struct {
 		Handoffs []struct {
 			Shard      int
@@ -214,27 +226,30 @@ func (lm *ledgerMesh) checkLeaseWait(t *testing.T, unit string) {
 			EndsAt time.Time `json:"ends_at"`
 		}
 	}
-	lm.api(live[0], "GET", "/v1/handoffs", "", &hs)
-	lm.api(live[0], "GET", "/v1/members", "", &mem)
+	lm.api(r, "GET", "/v1/handoffs", "", &hs)
+	lm.api(r, "GET", "/v1/members", "", &mem)
 	var ends time.Time
 	for _, l := range mem.Leases {
 		if l.Unit == unit {
 			ends = l.EndsAt
 		}
 	}
-	n := 0
+	var first time.Time
 	for _, h := range hs.Handoffs {
 		if h.Kind != "unplanned" || h.From != unit || h.Phase != "done" {
 			continue
 		}
-		n++
 		if ends.IsZero() || h.Started.Before(ends.Add(500*time.Millisecond)) {
 			t.Fatalf("I3: shard %d left %s at %s, before its lease ended (%s) plus the margin", h.Shard, unit, h.Started.Format(time.RFC3339Nano), ends.Format(time.RFC3339Nano))
 		}
+		if first.IsZero() || h.Started.Before(first) {
+			first = h.Started
+		}
 	}
-	if n == 0 {
+	if first.IsZero() {
 		t.Fatalf("no unplanned handoff recorded away from %s", unit)
 	}
+	return first
 }
 
 // An operation of the history, by account.
@@ -286,20 +301,29 @@ type history struct {
 	attempts atomic.Int64
 	errors   atomic.Int64 // attempts that failed (client-visible errors)
 	pending  atomic.Int64 // writes never acknowledged
+	stale    atomic.Int64 // reads answered marked x-cellmesh-stale: not in the history
 	kinds    sync.Map     // error kind -> *atomic.Int64
+	samples  sync.Map     // error kind -> what the last one said
 }
 
-func (h *history) failed(kind string) {
+func (h *history) failed(kind, said string) {
 	h.errors.Add(1)
 	n, _ := h.kinds.LoadOrStore(kind, new(atomic.Int64))
 	n.(*atomic.Int64).Add(1)
+	if len(said) > 160 {
+		said = said[:160] + "..."
+	}
+	h.samples.Store(kind, strings.TrimSpace(said))
 }
 
 // errorKinds says how many attempts failed, by kind, and resets the count.
 func (h *history) errorKinds() string {
 	var parts []string
 	h.kinds.Range(func(k, v any) bool {
-		parts = append(parts, fmt.Sprintf("%s x%d", k, v.(*atomic.Int64).Swap(0)))
+		if n := v.(*atomic.Int64).Swap(0); n > 0 {
+			said, _ := h.samples.Load(k)
+			parts = append(parts, fmt.Sprintf("%s x%d [%s]", k, n, said))
+		}
 		return true
 	})
 	slices.Sort(parts)
@@ -362,6 +386,7 @@ func (h *history) snapshot() map[string][]porcupine.Operation {
 // client sends operations through one unit's sidecar until stop.
 type ledgerClient struct {
 	id       int
+	readOnly bool // reads only, every other one linearizable
 	outbound string
 	h        *history
 	accounts []string
@@ -371,9 +396,14 @@ type ledgerClient struct {
 
 func (c *ledgerClient) now() int64 { return int64(time.Since(c.start)) }
 
-// do sends one request, retrying the same idempotency key on errors for
-// up to retryFor; it returns the answer, or false when none came.
-func (c *ledgerClient) do(method, path, uid, key string, body any, retryFor time.Duration) (map[string]any, bool) {
+// staleMark is the key under which do puts an answer's x-cellmesh-stale.
+const staleMark = "x-cellmesh-stale"
+
+// do sends one request, with the header pairs hdr, retrying the same
+// idempotency key on errors for up to retryFor; it returns the answer
+// (with staleMark set when the sidecar marked it stale), or false when
+// none came.
+func (c *ledgerClient) do(method, path, uid, key string, body any, retryFor time.Duration, hdr ...string) (map[string]any, bool) {
 	deadline := time.Now().Add(retryFor)
 	for {
 		c.h.attempts.Add(1)
@@ -388,21 +418,27 @@ func (c *ledgerClient) do(method, path, uid, key string, body any, retryFor time
 		if key != "" {
 			req.Header.Set("Idempotency-Key", key)
 		}
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
 		resp, err := c.http.Do(req)
 		if err == nil {
 			var out map[string]any
 			raw, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if resp.StatusCode == 200 && json.Unmarshal(raw, &out) == nil {
+				if st := resp.Header.Get("x-cellmesh-stale"); st != "" {
+					out[staleMark] = st
+				}
 				return out, true
 			}
 			kind := resp.Header.Get("x-cellmesh-error")
 			if kind == "" {
 				kind = "ledger"
 			}
-			c.h.failed(fmt.Sprintf("%s %d %s", method, resp.StatusCode, kind))
+			c.h.failed(fmt.Sprintf("%s %d %s", method, resp.StatusCode, kind), string(raw))
 		} else {
-			c.h.failed(method + " transport")
+			c.h.failed(method+" transport", err.Error())
 		}
 		if time.Now().After(deadline) {
 			return nil, false
@@ -422,12 +458,20 @@ func (c *ledgerClient) run(stop <-chan struct{}, seq *atomic.Int64) {
 		a := c.accounts[r.IntN(len(c.accounts))]
 		call := c.now()
 		key := fmt.Sprintf("c%d-%d", c.id, seq.Add(1))
-		switch n := r.IntN(10); {
+		n := r.IntN(10)
+		if c.readOnly {
+			n %= 4
+		}
+		switch {
 		case n < 4: // read: only answered reads are history
-			out, ok := c.do("GET", "/accounts/"+a, a, "", nil, 0)
-			if ok {
-				c.h.add(a, porcupine.Operation{ClientId: c.id, Call: call, Return: c.now(), Input: acctInput{Kind: "read"}, Output: acctOutput{OK: true, Balance: int64(out["balance"].(float64))}})
+			// Half of them ask to be linearizable: without a lease they
+			// are refused. The others are served, marked stale: they may
+			// be, by design, so they are left out of the history.
+			var hdr []string
+			if n < 2 {
+				hdr = []string{"x-cellmesh-consistency", "linearizable"}
 			}
+			c.read(a, call, 0, hdr...)
 		case n < 7:
 			amt := int64(1 + r.IntN(10))
 			in := acctInput{Kind: "deposit", Amount: amt}
@@ -458,6 +502,22 @@ func (c *ledgerClient) run(stop <-chan struct{}, seq *atomic.Int64) {
 	}
 }
 
+// read reads account a (retrying for up to retryFor) and records the
+// answer, unless it came marked stale.
+func (c *ledgerClient) read(a string, call int64, retryFor time.Duration, hdr ...string) bool {
+	out, ok := c.do("GET", "/accounts/"+a, a, "", nil, retryFor, hdr...)
+	switch {
+	case !ok:
+		return false
+	case out[staleMark] != nil && len(hdr) == 0:
+		c.h.stale.Add(1)
+		return false
+	}
+	// (A linearizable read is history, marked or not.)
+	c.h.add(a, porcupine.Operation{ClientId: c.id, Call: call, Return: c.now(), Input: acctInput{Kind: "read"}, Output: acctOutput{OK: true, Balance: int64(out["balance"].(float64))}})
+	return true
+}
+
 // result is what came of a write: never answered, or its answer.
 func (c *ledgerClient) result(acct string, call int64, in acctInput, out map[string]any, ok bool) acctOp {
 	if !ok {
@@ -475,133 +535,169 @@ func (c *ledgerClient) record(acct string, call int64, in acctInput, out map[str
 	c.h.add(o.acct, o.op)
 }
 
+// proof runs clients over a ledger mesh, records their history and
+// checks it.
+type proof struct {
+	t        *testing.T
+	lm       *ledgerMesh
+	h        *history
+	accounts []string
+	start    time.Time
+	seq      atomic.Int64
+	stops    []chan struct{}
+	wg       sync.WaitGroup
+	unitOf   map[int]string // client id -> the unit it sends through
+}
+
+func newProof(t *testing.T, lm *ledgerMesh) *proof {
+	p := &proof{t: t, lm: lm, h: &history{ops: map[string][]porcupine.Operation{}}, start: time.Now(), unitOf: map[int]string{}}
+	for s := 0; s < 60; s += 2 {
+		p.accounts = append(p.accounts, strconv.Itoa(2088000000000+s)) // shard s
+	}
+	t.Cleanup(p.stopClients)
+	return p
+}
+
+// startClients starts a client in each of units.
+func (p *proof) startClients(units []string) { p.start1(units, false) }
+
+// startReaders starts a client that only reads in each of units.
+func (p *proof) startReaders(units []string) { p.start1(units, true) }
+
+func (p *proof) start1(units []string, readOnly bool) {
+	for i, u := range units {
+		stop := make(chan struct{})
+		p.stops = append(p.stops, stop)
+		c := &ledgerClient{id: len(p.stops)*10 + i, readOnly: readOnly, outbound: p.lm.lunits[u].outbound, h: p.h, accounts: p.accounts, start: p.start,
+			http: &http.Client{Timeout: 5 * time.Second}}
+		p.unitOf[c.id] = u
+		p.wg.Add(1)
+		go func() { defer p.wg.Done(); c.run(stop, &p.seq) }()
+	}
+}
+
+func (p *proof) stopClients() {
+	for _, s := range p.stops {
+		close(s)
+	}
+	p.wg.Wait()
+	p.stops = nil
+}
+
+// check fails the test unless every account's history so far is
+// linearizable (writes in flight count as unanswered).
+func (p *proof) check(scenario string) {
+	t, h := p.t, p.h
+	t.Helper()
+	h.mu.Lock()
+	snap := h.snapshot()
+	h.mu.Unlock()
+	for acct, ops := range snap {
+		res, info := porcupine.CheckOperationsVerbose(accountModel, ops, 30*time.Second)
+		if res == porcupine.Illegal {
+			path := filepath.Join(t.TempDir(), "history-"+acct+".html")
+			if f, err := os.Create(path); err == nil {
+				_ = porcupine.Visualize(accountModel, info, f)
+				f.Close()
+			}
+			sorted := slices.Clone(ops)
+			slices.SortFunc(sorted, func(a, b porcupine.Operation) int { return int(a.Call - b.Call) })
+			var lines []string
+			for _, op := range sorted {
+				ret := "never"
+				if op.Return != math.MaxInt64 {
+					ret = time.Duration(op.Return).String()
+				}
+				lines = append(lines, fmt.Sprintf("  client %d (%s) %s..%s %s", op.ClientId, p.unitOf[op.ClientId], time.Duration(op.Call), ret, accountModel.DescribeOperation(op.Input, op.Output)))
+			}
+			t.Fatalf("%s: account %s's history (%d operations) is not linearizable: an acknowledged write is lost or a read saw what never was; see %s\n%s\n%s",
+				scenario, acct, len(ops), path, strings.Join(lines, "\n"), p.lm.logs())
+		}
+		if res == porcupine.Unknown {
+			t.Logf("%s: account %s's history could not be checked in 30s", scenario, acct)
+		}
+	}
+	t.Logf("%s: linearizable; %d writes acknowledged, %d never answered, %d reads marked stale, %d of %d attempts failed (%s)", scenario, h.acked.Load(), h.pending.Load(), h.stale.Load(), h.errors.Load(), h.attempts.Load(), h.errorKinds())
+}
+
+// movedOff waits until no shard has its primary on one of units, as the
+// first of replicas that answers says; it returns how long that took.
+func (p *proof) movedOff(what string, replicas []*cpProc, units ...string) time.Duration {
+	t0 := time.Now()
+	p.lm.waitUntil(what, 60*time.Second, func() bool {
+		for _, s := range p.lm.shardsFrom(replicas...) {
+			if slices.Contains(units, s.Unit) {
+				return false
+			}
+		}
+		return true
+	})
+	return time.Since(t0)
+}
+
+// detected is how long after after a live replica's event log has unit
+// down; -1 when none has.
+func (p *proof) detected(unit string, after time.Time) time.Duration {
+	var ev struct {
+		Events []struct {
+			Kind, Name, To string
+			At             time.Time
+		}
+	}
+	for _, r := range p.lm.liveReplicas() {
+		if code, _ := p.lm.api(r, "GET", "/v1/events", "", &ev); code == 200 {
+			for _, e := range ev.Events {
+				if e.Kind == "unit" && e.Name == unit && e.To == "down" && e.At.After(after) {
+					return e.At.Sub(after)
+				}
+			}
+		}
+	}
+	return -1
+}
+
+// writesAcked waits until n more writes are acknowledged.
+func (p *proof) writesAcked(what string, n int64) {
+	acked0, t0 := p.h.acked.Load(), time.Now()
+	p.lm.waitUntil(what, 30*time.Second, func() bool { return p.h.acked.Load() >= acked0+n })
+	p.t.Logf("%s: %d writes acknowledged in %s", what, n, time.Since(t0).Round(time.Millisecond))
+}
+
 // The proof: real processes, concurrent clients with recorded call and
 // return times; a unit SIGKILLed mid-run, then a whole region; then a
 // standby made to lag, whose handoff must block. After each scenario every
 // account's history must be linearizable (every acknowledged write
 // present), and the test prints detection time, handoff time and client
-// errors.
+// errors. The partition of a region is TestLedgerPartition.
 func TestLedgerProof(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts 15 processes")
 	}
-	lm := startLedgerMesh(t)
-	h := &history{ops: map[string][]porcupine.Operation{}}
-	var accounts []string
-	for s := 0; s < 60; s += 2 {
-		accounts = append(accounts, strconv.Itoa(2088000000000+s)) // shard s
-	}
-	start := time.Now()
-	var seq atomic.Int64
-	var stops []chan struct{}
-	var wg sync.WaitGroup
-	startClients := func(units []string) {
-		for i, u := range units {
-			stop := make(chan struct{})
-			stops = append(stops, stop)
-			c := &ledgerClient{id: len(stops)*10 + i, outbound: lm.lunits[u].outbound, h: h, accounts: accounts, start: start,
-				http: &http.Client{Timeout: 5 * time.Second}}
-			wg.Add(1)
-			go func() { defer wg.Done(); c.run(stop, &seq) }()
-		}
-	}
-	stopClients := func() {
-		for _, s := range stops {
-			close(s)
-		}
-		wg.Wait()
-		stops = nil
-	}
-	defer stopClients()
-	check := func(scenario string) {
-		t.Helper()
-		h.mu.Lock()
-		snap := h.snapshot()
-		h.mu.Unlock()
-		for acct, ops := range snap {
-			res, info := porcupine.CheckOperationsVerbose(accountModel, ops, 30*time.Second)
-			if res == porcupine.Illegal {
-				path := filepath.Join(t.TempDir(), "history-"+acct+".html")
-				if f, err := os.Create(path); err == nil {
-					_ = porcupine.Visualize(accountModel, info, f)
-					f.Close()
-				}
-				sorted := slices.Clone(ops)
-				slices.SortFunc(sorted, func(a, b porcupine.Operation) int { return int(a.Call - b.Call) })
-				var lines []string
-				for _, op := range sorted {
-					ret := "never"
-					if op.Return != math.MaxInt64 {
-						ret = time.Duration(op.Return).String()
-					}
-					lines = append(lines, fmt.Sprintf("  client %d %s..%s %s", op.ClientId, time.Duration(op.Call), ret, accountModel.DescribeOperation(op.Input, op.Output)))
-				}
-				t.Fatalf("%s: account %s's history (%d operations) is not linearizable: an acknowledged write is lost or a read saw what never was; see %s\n%s\n%s",
-					scenario, acct, len(ops), path, strings.Join(lines, "\n"), lm.logs())
-			}
-			if res == porcupine.Unknown {
-				t.Logf("%s: account %s's history could not be checked in 30s", scenario, acct)
-			}
-		}
-		t.Logf("%s: linearizable; %d writes acknowledged, %d never answered, %d of %d attempts failed (%s)", scenario, h.acked.Load(), h.pending.Load(), h.errors.Load(), h.attempts.Load(), h.errorKinds())
-	}
-	// moved waits until no shard has its primary on a dead unit.
-	movedOff := func(what string, dead ...string) time.Duration {
-		t0 := time.Now()
-		lm.waitUntil(what, 60*time.Second, func() bool {
-			for _, s := range lm.shards() {
-				for _, d := range dead {
-					if s.Unit == d {
-						return false
-					}
-				}
-			}
-			return true
-		})
-		return time.Since(t0)
-	}
-	detected := func(unit string, after time.Time) time.Duration {
-		var ev struct {
-			Events []struct {
-				Kind, Name, To string
-				At             time.Time
-			}
-		}
-		for _, r := range lm.liveReplicas() {
-			if code, _ := lm.api(r, "GET", "/v1/events", "", &ev); code == 200 {
-				for _, e := range ev.Events {
-					if e.Kind == "unit" && e.Name == unit && e.To == "down" && e.At.After(after) {
-						return e.At.Sub(after)
-					}
-				}
-			}
-		}
-		return -1
-	}
-
-	startClients(lm.order)
+	lm := startLedgerMesh(t, nil)
+	p := newProof(t, lm)
+	h, accounts, start := p.h, p.accounts, p.start
+	all := lm.replicas
+	p.startClients(lm.order)
 	lm.waitUntil("load", 30*time.Second, func() bool { return h.acked.Load() > 100 })
-	check("warm-up")
+	p.check("warm-up")
 
 	// Scenario 1: a unit lost. Its own client goes with it: the errors
 	// counted are those of the clients in the units that live on.
-	stopClients()
-	startClients([]string{"us-2", "eu-1", "eu-2", "ap-1", "ap-2"})
+	p.stopClients()
+	p.startClients([]string{"us-2", "eu-1", "eu-2", "ap-1", "ap-2"})
 	h.errorKinds()
 	errs0 := h.errors.Load()
 	killed := time.Now()
 	lm.kill("us-1")
-	movedOff("us-1's shards failed over", "us-1")
-	t.Logf("unit us-1 SIGKILLed: detected after %s, every shard failed over %s after the kill, %d failed attempts by the clients of the other units so far", detected("us-1", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
-	lm.checkLeaseWait(t, "us-1")
-	acked0, t0 := h.acked.Load(), time.Now()
-	lm.waitUntil("writes acknowledged after the failover", 30*time.Second, func() bool { return h.acked.Load() >= acked0+100 })
-	t.Logf("after us-1's failover: 100 writes acknowledged in %s", time.Since(t0).Round(time.Millisecond))
-	check("unit us-1 lost")
+	p.movedOff("us-1's shards failed over", all, "us-1")
+	t.Logf("unit us-1 SIGKILLed: detected after %s, every shard failed over %s after the kill, %d failed attempts by the clients of the other units so far", p.detected("us-1", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
+	lm.checkLeaseWait(t, lm.liveReplicas()[0], "us-1")
+	p.writesAcked("after us-1's failover", 100)
+	p.check("unit us-1 lost")
 
 	// Scenario 2: a region lost (its units and its control-plane replica).
-	stopClients()
-	startClients([]string{"us-2", "ap-1", "ap-2"})
+	p.stopClients()
+	p.startClients([]string{"us-2", "ap-1", "ap-2"})
 	h.errorKinds()
 	errs0 = h.errors.Load()
 	killed = time.Now()
@@ -613,16 +709,14 @@ func TestLedgerProof(t *testing.T) {
 	}
 	lm.kill("eu-1")
 	lm.kill("eu-2")
-	movedOff("eu's shards failed over", "us-1", "eu-1", "eu-2")
+	p.movedOff("eu's shards failed over", all, "us-1", "eu-1", "eu-2")
 	t.Logf("region eu SIGKILLed: eu-1 detected after %s, eu-2 after %s, every shard failed over %s after the kill, %d failed attempts by the clients of the other regions so far",
-		detected("eu-1", killed), detected("eu-2", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
-	lm.checkLeaseWait(t, "eu-1")
-	lm.checkLeaseWait(t, "eu-2")
-	acked0, t0 = h.acked.Load(), time.Now()
-	lm.waitUntil("writes acknowledged after the region's failover", 30*time.Second, func() bool { return h.acked.Load() >= acked0+100 })
-	t.Logf("after the region's failover: 100 writes acknowledged in %s", time.Since(t0).Round(time.Millisecond))
-	check("region eu lost")
-	stopClients()
+		p.detected("eu-1", killed), p.detected("eu-2", killed), time.Since(killed).Round(time.Millisecond), h.errors.Load()-errs0)
+	lm.checkLeaseWait(t, lm.liveReplicas()[0], "eu-1")
+	lm.checkLeaseWait(t, lm.liveReplicas()[0], "eu-2")
+	p.writesAcked("after the region's failover", 100)
+	p.check("region eu lost")
+	p.stopClients()
 
 	// Scenario 3: a standby made to lag: the handoff to it is blocked and
 	// nothing moves.
@@ -712,12 +806,197 @@ func TestLedgerProof(t *testing.T) {
 	post(lm.lunits[owner].app, "/debug/apply-delay?delay=0")
 	t.Logf("forced back to %s with --accept-data-loss: %s", owner, strings.TrimSpace(out))
 	for _, a := range accounts {
-		call := c.now()
-		if res, ok := c.do("GET", "/accounts/"+a, a, "", nil, 10*time.Second); ok {
-			h.add(a, porcupine.Operation{ClientId: 99, Call: call, Return: c.now(), Input: acctInput{Kind: "read"}, Output: acctOutput{OK: true, Balance: int64(res["balance"].(float64))}})
+		c.read(a, c.now(), 10*time.Second, "x-cellmesh-consistency", "linearizable")
+	}
+	p.check("lagging standby blocked, then moved; final reads")
+}
+
+// The proof's partition: each region in a network namespace of its own,
+// and the region of the raft leader cut off from the other two while
+// clients go on writing and reading through every unit, those of the cut
+// region included. The minority changes nothing (I4: its replica loses
+// the lead and refuses a move), stops taking writes when its lease ends
+// (I3: 503 no-lease, and reads marked stale or refused), and takes no
+// write after the majority promoted a standby; the majority elects a
+// leader and moves every shard of the cut units to standbys. Healed, the
+// cut units come back and take traffic again. Every account's history is
+// linearizable after each step.
+func TestLedgerPartition(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts 15 processes in network namespaces")
+	}
+	if !inOwnNetns(t) {
+		return
+	}
+	rn := newRegionNet(t, "us", "eu", "ap")
+	lm := startLedgerMesh(t, rn)
+	p := newProof(t, lm)
+	p.startClients(lm.order)
+	lm.waitUntil("load", 30*time.Second, func() bool { return p.h.acked.Load() > 100 })
+	p.check("warm-up")
+
+	old := lm.leader(lm.replicas...)
+	region := old.region
+	var cutUnits []string
+	var majority []*cpProc
+	for _, u := range lm.order {
+		if lm.lunits[u].region == region {
+			cutUnits = append(cutUnits, u)
 		}
 	}
-	check("lagging standby blocked, then moved; final reads")
+	for _, r := range lm.replicas {
+		if r.region != region {
+			majority = append(majority, r)
+		}
+	}
+	before := lm.shardsFrom(old)
+	p.h.errorKinds()
+	errs0 := p.h.errors.Load()
+	cutAt := time.Now()
+	rn.cut(region)
+	t.Logf("region %s (units %s and the raft leader %s) cut off", region, strings.Join(cutUnits, ", "), old.id)
+	// Readers in the cut units, whose writers are mostly stuck retrying.
+	p.startReaders(cutUnits)
+
+	// I4: the old leader, in the minority, loses the lead and changes
+	// nothing.
+	lm.waitUntil("the cut-off replica to know no leader", 30*time.Second, func() bool {
+		code, _ := lm.api(old, "GET", "/readyz", "", nil)
+		return code == http.StatusServiceUnavailable
+	})
+	t.Logf("%s knows no leader %s after the cut", old.id, time.Since(cutAt).Round(time.Millisecond))
+	var shard int
+	var to string
+	for s, a := range before {
+		if a.Unit != cutUnits[0] {
+			shard, to = s, cutUnits[0]
+			break
+		}
+	}
+	if out, code := lm.ctl(old, "move", strconv.Itoa(shard), "--to", to); code == 0 || !strings.Contains(out, "503") {
+		t.Fatalf("cellmesh move on the cut-off replica: exit %d\n%s", code, out)
+	}
+	if now := lm.shardsFrom(old); !maps.Equal(now, before) {
+		t.Fatalf("the minority's shard map changed while it was cut off:\nnow %+v\nwas %+v", now, before)
+	}
+
+	// I3 in the minority: its sidecars' leases run out.
+	lm.waitUntil("the cut-off units' leases to end", 30*time.Second, func() bool {
+		for _, u := range cutUnits {
+			if metricValue(t, metricsOf(t, lm.lunits[u].admin), "cellmesh_lease_remaining_seconds") > 0 {
+				return false
+			}
+		}
+		return true
+	})
+	leaseEnded := time.Since(cutAt)
+
+	// The majority elects a leader and fails the cut units over.
+	p.movedOff("the cut units' shards failed over", majority, cutUnits...)
+	movedAt := time.Since(cutAt)
+	leader := lm.leader(majority...)
+	if leader == nil {
+		t.Fatal("the majority has no leader")
+	}
+	var firstPromotion time.Time
+	for _, u := range cutUnits {
+		if f := lm.checkLeaseWait(t, leader, u); firstPromotion.IsZero() || f.Before(firstPromotion) {
+			firstPromotion = f
+		}
+	}
+	kinds := p.h.errorKinds()
+	t.Logf("majority: %s leads; %s detected after %s; every shard of the cut units failed over %s after the cut (the first %s after); the cut units' leases ended on their sidecars %s after the cut; failed attempts until then: %s",
+		leader.id, cutUnits[0], p.detected(cutUnits[0], cutAt), movedAt.Round(time.Millisecond), firstPromotion.Sub(cutAt).Round(time.Millisecond), leaseEnded.Round(time.Millisecond), kinds)
+	p.writesAcked("the majority after the failover", 100)
+	t.Logf("failed attempts from the failover until then: %s", p.h.errorKinds())
+
+	// No write acknowledged in the minority after the majority's first
+	// promotion; there, writes were refused for want of a lease.
+	var lastMinorityAck time.Duration
+	p.h.mu.Lock()
+	for _, ops := range p.h.ops {
+		for _, op := range ops {
+			in := op.Input.(acctInput)
+			if in.Kind == "read" || in.Unknown || !slices.Contains(cutUnits, p.unitOf[op.ClientId]) {
+				continue
+			}
+			lastMinorityAck = max(lastMinorityAck, time.Duration(op.Return))
+		}
+	}
+	p.h.mu.Unlock()
+	if last := p.start.Add(lastMinorityAck); !last.Before(firstPromotion) {
+		t.Fatalf("a write acknowledged in the minority at %s, after the majority's first promotion at %s", last.Format(time.RFC3339Nano), firstPromotion.Format(time.RFC3339Nano))
+	}
+	t.Logf("the minority's last acknowledged write came %s after the cut; %d failed attempts since the cut", p.start.Add(lastMinorityAck).Sub(cutAt).Round(time.Millisecond), p.h.errors.Load()-errs0)
+	// Each cut unit, asked through its own sidecar for a shard it owned:
+	// writes and linearizable reads refused for want of a lease, other
+	// reads answered marked stale. (Not history: refused by the sidecar,
+	// or stale by design.)
+	for _, u := range cutUnits {
+		shard := -1
+		for s, a := range before {
+			if a.Unit == u {
+				shard = s
+				break
+			}
+		}
+		uid := strconv.Itoa(2088000000000 + shard)
+		for _, probe := range []struct {
+			method, path, consistency string
+			code                      int
+			kind, stale               string
+		}{
+			{"POST", "/accounts/" + uid + "/deposit", "", 503, "no-lease", ""},
+			{"GET", "/accounts/" + uid, "linearizable", 503, "no-lease", ""},
+			{"GET", "/accounts/" + uid, "", 200, "", "no-lease"},
+		} {
+			req, _ := http.NewRequest(probe.method, "http://"+lm.lunits[u].outbound+probe.path, strings.NewReader(`{"amount":1}`))
+			req.Host = "ledger"
+			req.Header.Set("x-cellmesh-uid", uid)
+			req.Header.Set("Idempotency-Key", "probe-"+u)
+			if probe.consistency != "" {
+				req.Header.Set("x-cellmesh-consistency", probe.consistency)
+			}
+			resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+			if err != nil {
+				t.Fatalf("%s %s through cut unit %s: %v", probe.method, probe.path, u, err)
+			}
+			resp.Body.Close()
+			if kind, stale := resp.Header.Get("x-cellmesh-error"), resp.Header.Get("x-cellmesh-stale"); resp.StatusCode != probe.code || kind != probe.kind || stale != probe.stale {
+				t.Fatalf("%s %s (consistency %q) through cut unit %s, which owned shard %d: %d %q, stale %q; want %d %q, stale %q",
+					probe.method, probe.path, probe.consistency, u, shard, resp.StatusCode, kind, stale, probe.code, probe.kind, probe.stale)
+			}
+		}
+	}
+	p.check("region " + region + " cut off")
+
+	// Healed: the cut units and replica come back; their clients' writes
+	// go through again.
+	rn.heal()
+	healed := time.Now()
+	lm.waitUntil("the region back: its replica following, its units up with a lease", 60*time.Second, func() bool {
+		if m, ok := lm.members(old); !ok || m.Leader == "" {
+			return false
+		}
+		g := lm.gossipView(leader)
+		for _, u := range cutUnits {
+			if g.unit(u) != "up" || metricValue(t, metricsOf(t, lm.lunits[u].admin), "cellmesh_lease_remaining_seconds") <= 0 {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("healed: region %s back %s after the heal", region, time.Since(healed).Round(time.Millisecond))
+	p.stopClients()
+	p.startClients(cutUnits)
+	p.writesAcked("the healed region's clients", 50)
+	p.stopClients()
+	c := &ledgerClient{id: 99, outbound: lm.lunits[cutUnits[0]].outbound, h: p.h, accounts: p.accounts, start: p.start, http: &http.Client{Timeout: 5 * time.Second}}
+	p.unitOf[c.id] = cutUnits[0]
+	for _, a := range p.accounts {
+		c.read(a, c.now(), 10*time.Second, "x-cellmesh-consistency", "linearizable")
+	}
+	p.check("healed; final reads")
 }
 
 // TestLedgerHandoffBench measures planned handoffs under load (bench/
@@ -729,7 +1008,7 @@ func TestLedgerHandoffBench(t *testing.T) {
 	if moves == 0 {
 		t.Skip("a benchmark: bench/handoff.sh runs it (CELLMESH_BENCH_HANDOFFS=N)")
 	}
-	lm := startLedgerMesh(t)
+	lm := startLedgerMesh(t, nil)
 	h := &history{ops: map[string][]porcupine.Operation{}}
 	var accounts []string
 	for s := range 60 {

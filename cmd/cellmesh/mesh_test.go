@@ -45,6 +45,9 @@ type procMesh struct {
 	by    map[string]*meshProc
 	topo  *routing.Topology
 	eps   string // the endpoints: lines of the sidecar files
+	// net puts each region's processes in a network namespace of its own
+	// (nil: all on loopback).
+	net *regionNet
 }
 
 func buildBinaries(t *testing.T) (cellmesh, echo string) {
@@ -209,11 +212,18 @@ func (pm *procMesh) writeTopology(p *meshProc, topo *routing.Topology) {
 // kills whatever is still running.
 func (pm *procMesh) start(logPath, bin string, args ...string) (*exec.Cmd, chan error) {
 	pm.t.Helper()
+	return pm.startIn("", logPath, bin, args...)
+}
+
+// startIn is start for a process of region: in the region's network
+// namespace when the mesh has them.
+func (pm *procMesh) startIn(region, logPath, bin string, args ...string) (*exec.Cmd, chan error) {
+	pm.t.Helper()
 	f, err := os.Create(logPath)
 	if err != nil {
 		pm.t.Fatal(err)
 	}
-	cmd := exec.Command(bin, args...)
+	cmd := pm.net.command(region, bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		pm.t.Fatal(err)
