@@ -855,13 +855,7 @@ func TestXDSUnhealthyEndpointsDropAtOnce(t *testing.T) {
 		}
 	}
 	for _, st := range []core.HealthStatus{core.HealthStatus_UNHEALTHY, core.HealthStatus_DRAINING, core.HealthStatus_TIMEOUT} {
-		cp.publishEndpoints(topo, m.endpoints(), func(cla *endpointv3.ClusterLoadAssignment) {
-			if _, unit, _ := xdsapi.ParseClusterName(cla.GetClusterName()); unit == "eu-west-2" {
-				for _, lb := range cla.Endpoints[0].LbEndpoints {
-					lb.HealthStatus = st
-				}
-			}
-		})
+		cp.publishHealth(topo, m.endpoints(), "eu-west-2", st)
 		waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), sorted(kept)) }, "eu-west-2's "+st.String()+" endpoints dropped")
 		cp.publishEndpoints(topo, m.endpoints(), nil)
 		waitFor(t, xdsWait, func() bool { return slices.Equal(endpointsOf(x), all) }, "eu-west-2's endpoints back")
@@ -918,18 +912,9 @@ func TestXDSDeadPeerConnectionsClosed(t *testing.T) {
 		<-entered
 		return out
 	}
-	mark := func(st core.HealthStatus) {
-		cp.publishEndpoints(topo, m.endpoints(), func(cla *endpointv3.ClusterLoadAssignment) {
-			if _, unit, _ := xdsapi.ParseClusterName(cla.GetClusterName()); unit == "eu-west-2" {
-				for _, lb := range cla.Endpoints[0].LbEndpoints {
-					lb.HealthStatus = st
-				}
-			}
-		})
-	}
 	for _, st := range []core.HealthStatus{core.HealthStatus_UNHEALTHY, core.HealthStatus_TIMEOUT} {
 		answer := hang()
-		mark(st)
+		cp.publishHealth(topo, m.endpoints(), "eu-west-2", st)
 		if got := <-answer; got != [2]string{"502", "upstream"} {
 			t.Fatalf("a request in flight to a peer served %s: %v, want 502 upstream (its connection closed)", st, got)
 		}
@@ -938,12 +923,25 @@ func TestXDSDeadPeerConnectionsClosed(t *testing.T) {
 		waitRoute(t, x, "80", "eu-west-2") // a new connection
 	}
 	answer := hang()
-	mark(core.HealthStatus_DRAINING)
+	cp.publishHealth(topo, m.endpoints(), "eu-west-2", core.HealthStatus_DRAINING)
 	waitFor(t, xdsWait, func() bool { return !slices.Equal(endpointsOf(x), all) }, "eu-west-2 draining, out of the pool")
 	release <- struct{}{}
 	if got := <-answer; got != [2]string{"200", ""} {
 		t.Fatalf("a request in flight to a draining peer: %v, want 200", got)
 	}
+}
+
+// publishHealth publishes eps with the endpoints of unit served with
+// health status st.
+func (cp *testCP) publishHealth(topo *routing.Topology, eps []Endpoint, unit string, st core.HealthStatus) {
+	cp.t.Helper()
+	cp.publishEndpoints(topo, eps, func(cla *endpointv3.ClusterLoadAssignment) {
+		if _, u, _ := xdsapi.ParseClusterName(cla.GetClusterName()); u == unit {
+			for _, lb := range cla.Endpoints[0].LbEndpoints {
+				lb.HealthStatus = st
+			}
+		}
+	})
 }
 
 // A control plane that serves a map but no clusters: the map waits for
