@@ -97,48 +97,60 @@ func (r *Replica) logEvent(e failover.Event) {
 }
 
 // downEndpoints returns the keys of the registered endpoints whose
-// sidecar gossip finds not up (dead, left, or held down after flapping).
-// An endpoint no member matches is not down: its sidecar does not gossip.
-func downEndpoints(v *failover.View, eps []store.Registration) []string {
+// sidecar gossip finds not up: down (dead, or held down after flapping)
+// and left (a clean stop, served as draining). An endpoint no member
+// matches is neither: its sidecar does not gossip.
+func downEndpoints(v *failover.View, eps []store.Registration) (down, left []string) {
 	type id struct{ unit, service, addr string }
-	up := map[id]bool{}
+	type seen struct{ up, left bool }
+	by := map[id]seen{}
 	for _, m := range v.Members {
 		if m.Meta.Role != failover.RoleSidecar {
 			continue
 		}
 		k := id{m.Meta.Unit, m.Meta.Service, m.Meta.Address}
-		up[k] = up[k] || m.Up
+		s := by[k]
+		s.up = s.up || m.Up
+		s.left = s.left || m.State == failover.MemberLeft
+		by[k] = s
 	}
-	var down []string
 	for _, e := range eps {
-		if ok, seen := up[id{e.Unit, e.Service, e.Address}]; seen && !ok {
+		s, ok := by[id{e.Unit, e.Service, e.Address}]
+		switch {
+		case !ok || s.up:
+		case s.left:
+			left = append(left, e.Key())
+		default:
 			down = append(down, e.Key())
 		}
 	}
-	return down
+	return down, left
 }
 
 // commitEndpointHealth commits the endpoints found down when they differ
 // from the state's.
 func (r *Replica) commitEndpointHealth(ctx context.Context, st *store.State) {
 	v := r.health.View()
-	down := downEndpoints(&v, st.Endpoints)
-	var now []string
+	down, left := downEndpoints(&v, st.Endpoints)
+	var nowDown, nowLeft []string
 	for _, e := range st.Endpoints {
-		if e.Down {
-			now = append(now, e.Key())
+		switch {
+		case e.Down:
+			nowDown = append(nowDown, e.Key())
+		case e.Draining:
+			nowLeft = append(nowLeft, e.Key())
 		}
 	}
-	if slices.Equal(down, now) {
+	if slices.Equal(down, nowDown) && slices.Equal(left, nowLeft) {
 		return
 	}
 	actx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	if _, err := r.store.Apply(actx, store.Command{Op: store.OpHealth, Down: down, Who: "leader " + r.cfg.ID + " (gossip)", At: time.Now().UTC()}); err != nil {
-		r.log.Warn("endpoint health not committed; retrying", "down", len(down), "error", err)
+	if _, err := r.store.Apply(actx, store.Command{Op: store.OpHealth, Down: down, Draining: left, Who: "leader " + r.cfg.ID + " (gossip)", At: time.Now().UTC()}); err != nil {
+		r.log.Warn("endpoint health not committed; retrying", "down", len(down), "left", len(left), "error", err)
 		return
 	}
-	r.log.Info("endpoint health committed", "down", down)
+	r.log.Info("endpoint health committed", "down", down, "left", left)
 }
 
 // unitLive reports whether gossip gives no sign that a unit is lost: a

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellmesh/cellmesh/controlplane/store"
 	"github.com/cellmesh/cellmesh/failover"
 	"github.com/cellmesh/cellmesh/internal/xdsapi"
 )
@@ -147,4 +148,26 @@ func leaseOf(m Members, unit string) LeaseView {
 		}
 	}
 	return LeaseView{}
+}
+
+// downEndpoints tells a dead sidecar (served UNHEALTHY: peers close their
+// connections to it) from one that left (served DRAINING: its requests in
+// flight finish); a sidecar that does not gossip is neither.
+func TestDownEndpointsTellsLeftFromDead(t *testing.T) {
+	member := func(unit, addr string, st failover.MemberState) failover.MemberHealth {
+		return failover.MemberHealth{Member: failover.Member{Name: unit + "/" + addr, State: st,
+			Meta: failover.Meta{Role: failover.RoleSidecar, Unit: unit, Service: "echo", Address: addr}}, Up: st == failover.MemberAlive}
+	}
+	v := &failover.View{Members: []failover.MemberHealth{
+		member("us-1", "127.0.0.1:1", failover.MemberAlive),
+		member("us-1", "127.0.0.1:2", failover.MemberDead),
+		member("us-2", "127.0.0.1:3", failover.MemberLeft),
+	}}
+	reg := func(unit, addr string) store.Registration {
+		return store.Registration{Service: "echo", Unit: unit, Address: addr, Transport: "quic"}
+	}
+	down, left := downEndpoints(v, []store.Registration{reg("us-1", "127.0.0.1:1"), reg("us-1", "127.0.0.1:2"), reg("us-2", "127.0.0.1:3"), reg("eu-1", "127.0.0.1:4")})
+	if !slices.Equal(down, []string{"quic://127.0.0.1:2"}) || !slices.Equal(left, []string{"quic://127.0.0.1:3"}) {
+		t.Fatalf("down %v, left %v; want the dead one down and the one that left draining", down, left)
+	}
 }

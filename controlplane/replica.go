@@ -362,7 +362,7 @@ func (r *Replica) publishLoop(ctx context.Context) {
 		} else {
 			eps := make([]xds.Endpoint, 0, len(st.Endpoints))
 			for _, e := range st.Endpoints {
-				eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport, Down: e.Down})
+				eps = append(eps, xds.Endpoint{Service: e.Service, Unit: e.Unit, Address: e.Address, Transport: e.Transport, Down: e.Down, Draining: e.Draining})
 			}
 			var res *xds.Resources
 			res, err = xds.Build(strconv.FormatUint(st.Index, 10), st.Map, eps)
@@ -463,7 +463,7 @@ func (r *Replica) grantLeases(ctx context.Context) {
 	v := r.health.View()
 	var units []string
 	for _, e := range st.Endpoints {
-		if !e.Down && !slices.Contains(units, e.Unit) && unitLive(&v, e.Unit) {
+		if !e.Down && !e.Draining && !slices.Contains(units, e.Unit) && unitLive(&v, e.Unit) {
 			units = append(units, e.Unit)
 		}
 	}

@@ -66,15 +66,20 @@ func (s *Sidecar) LeaseRemaining() time.Duration {
 // silenceLimit is how long an xDS stream may stay silent before the
 // sidecar gives it up for another replica: half the lease's TTL while the
 // unit holds a lease (the leader renews it every quarter TTL, so two
-// renewals were missed, and another replica can still renew it in time);
-// 0 (no limit) without a lease.
+// renewals were missed, and another replica can still renew it in time),
+// at least minSilence (the leader looks at leases every 250 ms, then
+// commits and pushes: a shorter TTL must not drop healthy streams); 0 (no
+// limit) without a lease.
 func (s *Sidecar) silenceLimit() time.Duration {
 	g := s.lease.Load()
 	if g == nil || s.LeaseRemaining() <= 0 {
 		return 0
 	}
-	return g.full / 2
+	return max(g.full/2, minSilence)
 }
+
+// minSilence is the shortest silence limit (see silenceLimit).
+const minSilence = time.Second
 
 func (s *Sidecar) leaseStatus() *LeaseStatus {
 	g := s.lease.Load()

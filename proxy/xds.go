@@ -797,6 +797,16 @@ func (c *xdsClient) applyEndpoints(log *slog.Logger, r *discovery.DiscoveryRespo
 	}
 	c.clas, c.edsVer = clas, ver
 	log.Debug("xds endpoints updated", "version", r.GetVersionInfo(), "endpoints", len(c.pushed))
+	// An address dead in one cluster but healthy in another (reused)
+	// keeps its connections.
+	dead = slices.DeleteFunc(dead, func(k string) bool {
+		for _, eps := range clas {
+			if slices.ContainsFunc(eps, func(e Endpoint) bool { return e.key() == k }) {
+				return true
+			}
+		}
+		return false
+	})
 	if n := c.s.up.conns.closeAll(dead); n > 0 {
 		log.Info("closed the connections to peers the control plane finds dead", "connections", n, "endpoints", dead)
 	}

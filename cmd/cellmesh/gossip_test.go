@@ -155,6 +155,26 @@ func TestGossipProcesses(t *testing.T) {
 		}
 		return false
 	})
+	// Its registration goes (it deregistered), or while it stays it is
+	// served draining (peers keep their connections to it): never down.
+	cm.waitUntil("eu-west-2's registration gone or draining", 30*time.Second, func() bool {
+		var regs struct {
+			Endpoints []struct {
+				Unit           string
+				Down, Draining bool
+			}
+		}
+		cm.api(cm.leader(cm.replicas...), "GET", "/v1/members", "", &regs)
+		for _, e := range regs.Endpoints {
+			if e.Unit == "eu-west-2" {
+				if e.Down {
+					t.Fatal("eu-west-2's endpoint marked down after a clean stop: peers would cut its requests in flight")
+				}
+				return e.Draining
+			}
+		}
+		return true
+	})
 	var ev struct {
 		Events []struct{ Kind, Name, Unit, To string }
 	}

@@ -547,6 +547,7 @@ type proof struct {
 	stops    []chan struct{}
 	wg       sync.WaitGroup
 	unitOf   map[int]string // client id -> the unit it sends through
+	clients  int            // client ids handed out
 }
 
 func newProof(t *testing.T, lm *ledgerMesh) *proof {
@@ -565,10 +566,11 @@ func (p *proof) startClients(units []string) { p.start1(units, false) }
 func (p *proof) startReaders(units []string) { p.start1(units, true) }
 
 func (p *proof) start1(units []string, readOnly bool) {
-	for i, u := range units {
+	for _, u := range units {
 		stop := make(chan struct{})
 		p.stops = append(p.stops, stop)
-		c := &ledgerClient{id: len(p.stops)*10 + i, readOnly: readOnly, outbound: p.lm.lunits[u].outbound, h: p.h, accounts: p.accounts, start: p.start,
+		p.clients++
+		c := &ledgerClient{id: p.clients, readOnly: readOnly, outbound: p.lm.lunits[u].outbound, h: p.h, accounts: p.accounts, start: p.start,
 			http: &http.Client{Timeout: 5 * time.Second}}
 		p.unitOf[c.id] = u
 		p.wg.Add(1)

@@ -11,11 +11,13 @@ import (
 	"time"
 )
 
-// Tests that cut a region off run in a network namespace of their own,
-// with each region in a namespace of its own behind it: the test's
-// namespace routes between the regions (and reaches them all), and drops
-// what it forwards to or from a region that is cut off. Nothing touches
-// the machine's own network: the namespaces and addresses are the test's.
+// Tests that cut a region off run in a network namespace of their own
+// (and a private mount namespace, where the regions' namespaces are
+// mounted), with each region in a namespace of its own behind it: the
+// test's namespace routes between the regions (and reaches them all), and
+// drops what it forwards to or from a region that is cut off. Nothing
+// touches the machine's own network: the namespaces and addresses are the
+// test's.
 
 // netnsEnv names the test that a re-executed test binary runs inside its
 // own network namespace.
@@ -30,6 +32,12 @@ func inOwnNetns(t *testing.T) bool {
 	t.Helper()
 	if os.Getenv(netnsEnv) == t.Name() {
 		mustRun(t, "ip", "link", "set", "lo", "up")
+		// The regions' namespaces are mounted on a tmpfs of this mount
+		// namespace: nothing of them is left on the machine.
+		if err := os.MkdirAll("/run/netns", 0o755); err != nil {
+			t.Fatal(err)
+		}
+		mustRun(t, "mount", "-t", "tmpfs", "cellmesh-netns", "/run/netns")
 		return true
 	}
 	missing := func(why string) {
@@ -47,8 +55,8 @@ func inOwnNetns(t *testing.T) bool {
 			missing(tool + " is not installed")
 		}
 	}
-	if out, err := exec.Command("unshare", "-n", "true").CombinedOutput(); err != nil {
-		missing(fmt.Sprintf("unshare -n fails: %v %s", err, out))
+	if out, err := exec.Command("unshare", "-n", "-m", "--propagation", "private", "true").CombinedOutput(); err != nil {
+		missing(fmt.Sprintf("unshare -n -m fails: %v %s", err, out))
 	}
 	timeout := 10 * time.Minute
 	if d, ok := t.Deadline(); ok {
@@ -56,7 +64,10 @@ func inOwnNetns(t *testing.T) bool {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "unshare", "-n", os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v=true", "-test.count=1",
+	// A mount namespace of its own too, private: the regions' namespaces
+	// (ip netns add mounts them under /run/netns) go with it, even when
+	// the test dies before its cleanup.
+	cmd := exec.CommandContext(ctx, "unshare", "-n", "-m", "--propagation", "private", os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v=true", "-test.count=1",
 		"-test.timeout="+(timeout-5*time.Second).String())
 	cmd.Env = append(os.Environ(), netnsEnv+"="+t.Name())
 	cmd.WaitDelay = 5 * time.Second
@@ -66,6 +77,9 @@ func inOwnNetns(t *testing.T) bool {
 	t.Logf("in a network namespace of its own:\n%s", out.String())
 	if err != nil {
 		t.Fatalf("%s in its network namespace: %v", t.Name(), err)
+	}
+	if !strings.Contains(out.String(), "--- PASS: "+t.Name()+" ") {
+		t.Fatalf("%s did not run in its network namespace (no PASS line)", t.Name())
 	}
 	return false
 }

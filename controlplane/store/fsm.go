@@ -36,9 +36,11 @@ const (
 	// OpForgetReplica drops the record of replica Replica.ID.
 	OpForgetReplica = "forget-replica"
 	// OpHealth marks down the endpoints whose keys (transport://address)
-	// are in Down, and every other endpoint up: the leader's gossip view
-	// of which registered sidecars are dead. A down endpoint stays
-	// registered but is not served over EDS and gives its unit no lease.
+	// are in Down, draining those in Draining, and every other endpoint
+	// up: the leader's gossip view of which registered sidecars are dead
+	// and which left (a clean stop). Such an endpoint stays registered
+	// but is served out of load balancing (UNHEALTHY, DRAINING) and gives
+	// its unit no lease.
 	OpHealth = "health"
 	// OpState sets shard Shard's state to State if its epoch is still
 	// Epoch: draining for a planned handoff, blocked when a handoff check
@@ -85,6 +87,9 @@ type Registration struct {
 	Since     time.Time `json:"since"`
 	// Down: gossip finds the sidecar dead (OpHealth).
 	Down bool `json:"down,omitempty"`
+	// Draining: the sidecar left the gossip pool (a clean stop: it
+	// finishes what it has in flight).
+	Draining bool `json:"draining,omitempty"`
 }
 
 // EndpointChange registers or deregisters an endpoint.
@@ -121,6 +126,7 @@ type Command struct {
 	Replica   *Replica          `json:"replica,omitempty"`
 	Grants    []string          `json:"grants,omitempty"`
 	Down      []string          `json:"down,omitempty"`
+	Draining  []string          `json:"draining,omitempty"`
 	State     routing.State     `json:"state,omitempty"`
 	Move      *routing.Move     `json:"move,omitempty"`
 	Handoff   *Handoff          `json:"handoff,omitempty"`
@@ -324,8 +330,9 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 		changed := false
 		for i := range eps {
 			down := slices.Contains(cmd.Down, eps[i].Key())
-			if eps[i].Down != down {
-				eps[i].Down, changed = down, true
+			draining := !down && slices.Contains(cmd.Draining, eps[i].Key())
+			if eps[i].Down != down || eps[i].Draining != draining {
+				eps[i].Down, eps[i].Draining, changed = down, draining, true
 			}
 		}
 		if !changed {

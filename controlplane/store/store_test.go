@@ -245,8 +245,8 @@ func TestLeases(t *testing.T) {
 	}
 }
 
-// OpHealth marks endpoints down and up by key; the same health again
-// changes nothing, and a snapshot keeps it.
+// OpHealth marks endpoints down, draining (left) and up by key; the same
+// health again changes nothing, and a snapshot keeps it.
 func TestEndpointHealth(t *testing.T) {
 	cfg := Config{ID: "cp-1", Dir: t.TempDir(), Bind: freeAddr(t), Bootstrap: true}
 	s := withTopology(t, cfg)
@@ -255,7 +255,7 @@ func TestEndpointHealth(t *testing.T) {
 		return EndpointChange{Registration: Registration{Service: "echo", Unit: unit, Address: addr, Transport: "quic", Via: "cp-1", Session: "s-" + addr}}
 	}
 	e := cmd(OpEndpoints)
-	e.Endpoints = []EndpointChange{reg("us-east-1", "127.0.0.1:1001"), reg("eu-west-1", "127.0.0.1:1002")}
+	e.Endpoints = []EndpointChange{reg("us-east-1", "127.0.0.1:1001"), reg("eu-west-1", "127.0.0.1:1002"), reg("eu-west-2", "127.0.0.1:1003")}
 	if _, err := s.Apply(ctx, e); err != nil {
 		t.Fatal(err)
 	}
@@ -270,12 +270,18 @@ func TestEndpointHealth(t *testing.T) {
 	}
 	h := cmd(OpHealth)
 	h.Down = []string{"quic://127.0.0.1:1002", "quic://127.0.0.1:9999"}
+	h.Draining = []string{"quic://127.0.0.1:1003", "quic://127.0.0.1:1002"} // down wins
 	if _, err := s.Apply(ctx, h); err != nil {
 		t.Fatal(err)
 	}
 	st := s.State()
 	if d := downs(st); len(d) != 1 || d[0] != "quic://127.0.0.1:1002" {
 		t.Fatalf("down endpoints %v", d)
+	}
+	for _, r := range st.Endpoints {
+		if r.Draining != (r.Key() == "quic://127.0.0.1:1003") {
+			t.Fatalf("endpoint %s draining %v", r.Key(), r.Draining)
+		}
 	}
 	if _, err := s.Apply(ctx, h); err != nil {
 		t.Fatal(err)
@@ -291,7 +297,7 @@ func TestEndpointHealth(t *testing.T) {
 	}
 	cfg.Bind, cfg.Bootstrap = freeAddr(t), false
 	r := open(t, cfg)
-	waitFor(t, "the restored state", func() bool { return len(r.State().Endpoints) == 2 })
+	waitFor(t, "the restored state", func() bool { return len(r.State().Endpoints) == 3 })
 	if d := downs(r.State()); len(d) != 1 {
 		t.Fatalf("after a restart, down endpoints %v", d)
 	}

@@ -33,7 +33,7 @@ func TestADSStream(t *testing.T) {
 	defer s.Stop()
 
 	m := localMap(t)
-	eps := []Endpoint{{"echo", "us-east-1", "127.0.0.1:15201", "quic", false}, {"echo", "eu-west-1", "127.0.0.1:15203", "quic", false}}
+	eps := []Endpoint{{"echo", "us-east-1", "127.0.0.1:15201", "quic", false, false}, {"echo", "eu-west-1", "127.0.0.1:15203", "quic", false, false}}
 	res, err := Build("1", m, eps)
 	if err != nil {
 		t.Fatal(err)
@@ -161,7 +161,7 @@ func TestPublishSendsWhatChanged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eps := []Endpoint{{"echo", "us-east-1", "127.0.0.1:15201", "quic", false}}
+	eps := []Endpoint{{"echo", "us-east-1", "127.0.0.1:15201", "quic", false, false}}
 	publish := func(version uint64, m *routing.ShardMap, eps []Endpoint) {
 		t.Helper()
 		res, err := Build(strconv.FormatUint(version, 10), m, eps)
@@ -255,11 +255,11 @@ func TestPublishSendsWhatChanged(t *testing.T) {
 
 	// A second endpoint in the same cluster: the load assignment only, at
 	// version 3; then a new cluster: the clusters at version 4.
-	publish(3, m2, append(eps, Endpoint{"echo", "us-east-1", "127.0.0.1:15211", "quic", false}))
+	publish(3, m2, append(eps, Endpoint{"echo", "us-east-1", "127.0.0.1:15211", "quic", false, false}))
 	if r := next(); r.TypeUrl != resource.EndpointType || r.VersionInfo != "3" {
 		t.Fatalf("after an endpoint change: %s at version %q, want endpoints at 3", r.TypeUrl, r.VersionInfo)
 	}
-	publish(4, m2, append(eps, Endpoint{"echo", "us-east-1", "127.0.0.1:15211", "quic", false}, Endpoint{"echo", "eu-west-1", "127.0.0.1:15301", "quic", false}))
+	publish(4, m2, append(eps, Endpoint{"echo", "us-east-1", "127.0.0.1:15211", "quic", false, false}, Endpoint{"echo", "eu-west-1", "127.0.0.1:15301", "quic", false, false}))
 	if r := next(); r.TypeUrl != resource.ClusterType || r.VersionInfo != "4" || len(r.Resources) != 2 {
 		t.Fatalf("after a new cluster: %s at version %q with %d resources, want 2 clusters at 4", r.TypeUrl, r.VersionInfo, len(r.Resources))
 	}

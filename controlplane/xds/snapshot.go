@@ -47,6 +47,10 @@ type Endpoint struct {
 	// balancing; its cluster stays, so a client drops it at once rather
 	// than holding a vanished cluster's endpoints.
 	Down bool
+	// Draining: the sidecar left (a clean stop). It is served with health
+	// status DRAINING: out of load balancing too, but a client keeps its
+	// connections, so requests in flight to it finish.
+	Draining bool
 }
 
 // ClusterName names the cluster of a service in a unit.
@@ -121,8 +125,11 @@ func Build(version string, m *routing.ShardMap, eps []Endpoint) (*Resources, err
 				proto = core.SocketAddress_TCP
 			}
 			health := core.HealthStatus_HEALTHY
-			if e.Down {
+			switch {
+			case e.Down:
 				health = core.HealthStatus_UNHEALTHY
+			case e.Draining:
+				health = core.HealthStatus_DRAINING
 			}
 			lbs = append(lbs, &endpoint.LbEndpoint{
 				HealthStatus: health,

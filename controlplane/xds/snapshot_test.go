@@ -31,10 +31,10 @@ func localMap(t *testing.T) *routing.ShardMap {
 func TestSnapshot(t *testing.T) {
 	m := localMap(t)
 	eps := []Endpoint{
-		{"echo", "us-east-1", "127.0.0.1:15201", "quic", false},
-		{"echo", "us-east-1", "127.0.0.1:15211", "quic", false},
-		{"echo", "eu-west-2", "127.0.0.1:15304", "h2", false},
-		{"ledger", "eu-west-1", "127.0.0.1:16203", "quic", true}, // down: served UNHEALTHY
+		{"echo", "us-east-1", "127.0.0.1:15201", "quic", false, false},
+		{"echo", "us-east-1", "127.0.0.1:15211", "quic", false, false},
+		{"echo", "eu-west-2", "127.0.0.1:15304", "h2", false, true},     // left: served DRAINING
+		{"ledger", "eu-west-1", "127.0.0.1:16203", "quic", true, false}, // down: served UNHEALTHY
 	}
 	res, err := Build("7", m, eps)
 	if err != nil {
@@ -53,7 +53,8 @@ func TestSnapshot(t *testing.T) {
 	if loc.Region != "us-east" || loc.Zone != "us-east-1" || len(cla.Endpoints[0].LbEndpoints) != 2 {
 		t.Errorf("locality %v with %d endpoints, want us-east / us-east-1 with 2", loc, len(cla.Endpoints[0].LbEndpoints))
 	}
-	for name, want := range map[string]core.HealthStatus{ClusterName("echo", "us-east-1"): core.HealthStatus_HEALTHY, ClusterName("ledger", "eu-west-1"): core.HealthStatus_UNHEALTHY} {
+	for name, want := range map[string]core.HealthStatus{ClusterName("echo", "us-east-1"): core.HealthStatus_HEALTHY, ClusterName("ledger", "eu-west-1"): core.HealthStatus_UNHEALTHY,
+		ClusterName("echo", "eu-west-2"): core.HealthStatus_DRAINING} {
 		c := clas[name].(*endpoint.ClusterLoadAssignment)
 		if got := c.Endpoints[0].LbEndpoints[0].GetHealthStatus(); got != want {
 			t.Errorf("%s: health %v, want %v", name, got, want)
@@ -81,10 +82,10 @@ func TestSnapshotRefusesBadEndpoints(t *testing.T) {
 		ep   Endpoint
 		want string
 	}{
-		{Endpoint{"echo", "us-west-9", "127.0.0.1:1", "quic", false}, `unit "us-west-9"`},
-		{Endpoint{"echo", "us-east-1", "localhost:1", "quic", false}, "want ip:port"},
-		{Endpoint{"echo", "us-east-1", "127.0.0.1:1", "tcp", false}, "want quic or h2"},
-		{Endpoint{"", "us-east-1", "127.0.0.1:1", "quic", false}, "no service"},
+		{Endpoint{"echo", "us-west-9", "127.0.0.1:1", "quic", false, false}, `unit "us-west-9"`},
+		{Endpoint{"echo", "us-east-1", "localhost:1", "quic", false, false}, "want ip:port"},
+		{Endpoint{"echo", "us-east-1", "127.0.0.1:1", "tcp", false, false}, "want quic or h2"},
+		{Endpoint{"", "us-east-1", "127.0.0.1:1", "quic", false, false}, "no service"},
 	} {
 		if _, err := Build("1", m, []Endpoint{tc.ep}); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: %v, want an error containing %q", tc.ep, err, tc.want)

@@ -111,6 +111,7 @@ func (l *Ledger) Run(ctx context.Context) {
 	defer t.Stop()
 	for {
 		l.refreshMap(ctx)
+		l.claimFresh()
 		l.notifyStandbys(ctx)
 		select {
 		case <-ctx.Done():
@@ -127,10 +128,9 @@ type assignment struct {
 	Standbys []string
 }
 
-// refreshMap reads the shard map from the sidecar's /config, steps down
-// from the primary role of every shard the map gives another unit at a
-// newer epoch (a failover happened while this unit was away), and takes
-// the primary role of the shards the map gives it that it never held.
+// refreshMap reads the shard map from the sidecar's /config, and steps
+// down from the primary role of every shard the map gives another unit at
+// a newer epoch (a failover happened while this unit was away).
 func (l *Ledger) refreshMap(ctx context.Context) {
 	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+l.cfg.SidecarAdmin+"/config", nil)
 	resp, err := l.client.Do(req)
@@ -167,12 +167,24 @@ func (l *Ledger) refreshMap(ctx context.Context) {
 			}
 		}
 	}
-	// A shard the map gives this unit that it holds nothing of (never
-	// written) is taken as the primary now, as its first write would take
-	// it: notifyStandbys then tells the standby, which so knows it is in
-	// sync with an empty log. Without that word a failover could not tell
-	// a fresh standby from a wiped one, and would block.
-	for shard, a := range m {
+}
+
+// claimFresh takes as primary every shard the map gives this unit that it
+// holds nothing of (never written), as its first write would take it:
+// notifyStandbys then tells the standby, which so knows it is in sync with
+// an empty log. Without that word a failover could not tell a fresh
+// standby from a wiped one, and would block. (Run calls it, holding no
+// shard's lock.)
+func (l *Ledger) claimFresh() {
+	view := l.view.Load()
+	if view == nil {
+		return
+	}
+	shards, err := l.st.shards()
+	if err != nil {
+		return
+	}
+	for shard, a := range *view {
 		if _, held := shards[shard]; !held && a.Primary == l.cfg.Unit {
 			_, _ = l.become(shard, RolePrimary, a.Epoch)
 		}

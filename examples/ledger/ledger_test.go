@@ -343,6 +343,7 @@ func TestLedgerFreshShardStandbyInSync(t *testing.T) {
 	f := newFakeMesh(t)
 	f.assign(9, "us-east-1", 3, "eu-west-1")
 	a, b := f.start("us-east-1"), f.start("eu-west-1")
+	a.claimFresh()
 	if r := report(t, a, 9); r.Role != RolePrimary || r.Epoch != 3 {
 		t.Fatalf("the primary of a shard it never wrote: %+v, want primary at epoch 3", r)
 	}
