@@ -28,7 +28,7 @@ const (
 	// member declared within a second at 10 to 50 members: a probe every
 	// 80 ms, a 60 ms probe timeout, suspicion of 4 probe intervals (scaled
 	// by log10 of the pool size) that shrinks as other members confirm
-	// it, gossip every 50 ms. A member paused for 300 ms refutes its
+	// it, gossip every 40 ms to 5 members. A member paused for 300 ms refutes its
 	// suspicion in time (bench/gossip.sh --soak). It costs more packets:
 	// meant for a low-latency network, the demo and tests.
 	ProfileFast Profile = "fast"
@@ -65,8 +65,8 @@ func (p Profile) config() *memberlist.Config {
 		c.IndirectChecks = 3
 		c.SuspicionMult = 4
 		c.SuspicionMaxTimeoutMult = 2
-		c.GossipInterval = 50 * time.Millisecond
-		c.GossipNodes = 4
+		c.GossipInterval = 40 * time.Millisecond
+		c.GossipNodes = 5
 		c.RetransmitMult = 3
 		c.PushPullInterval = 10 * time.Second
 		c.TCPTimeout = time.Second
