@@ -15,6 +15,7 @@ type metrics struct {
 	handoffs       *prometheus.CounterVec
 	handoffSeconds *prometheus.HistogramVec
 	writePause     prometheus.Histogram
+	drills         *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, r *Replica) *metrics {
@@ -54,6 +55,10 @@ func newMetrics(reg prometheus.Registerer, r *Replica) *metrics {
 			Help:    "Handoffs from their start (planned: the operator's call; unplanned: gossip finding the unit down) to the new primary promoted.",
 			Buckets: []float64{.05, .1, .25, .5, 1, 2, 4, 6, 10, 20},
 		}, []string{"kind"}),
+		drills: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cellmesh_drills_total",
+			Help: "Drills run by this replica as leader, by kind and how they ended (done, aborted, failed).",
+		}, []string{"kind", "result"}),
 		writePause: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "cellmesh_handoff_write_pause_seconds",
 			Help:    "Planned handoffs from draining (writes held) to the new primary's map published.",
@@ -68,7 +73,7 @@ func newMetrics(reg prometheus.Registerer, r *Replica) *metrics {
 	gauge := func(name, help string, f func() float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
 	}
-	reg.MustRegister(m.pushDuration, m.pushBytes, m.publishErrors, m.connected, m.acks, m.api, m.moves, m.handoffs, m.handoffSeconds, m.writePause,
+	reg.MustRegister(m.pushDuration, m.pushBytes, m.publishErrors, m.connected, m.acks, m.api, m.moves, m.handoffs, m.handoffSeconds, m.writePause, m.drills,
 		gauge("cellmesh_raft_leader", "1 when this replica is the raft leader.", func() float64 {
 			if st.IsLeader() {
 				return 1

@@ -60,6 +60,7 @@ func newOrchestrator(r *Replica) *orchestrator {
 // run polls the watermarks and looks for lost units, on two goroutines
 // (a slow poll must not delay a failover), until ctx ends.
 func (o *orchestrator) run(ctx context.Context) {
+	o.r.drills.setContext(ctx)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -102,6 +103,7 @@ func (o *orchestrator) run(ctx context.Context) {
 		}
 		if !leader || time.Since(reconciled) > 5*time.Second {
 			o.reconcile(ctx)
+			o.r.reconcileDrills(ctx)
 			reconciled = time.Now()
 		}
 		leader = true

@@ -96,6 +96,7 @@ type Replica struct {
 	health *failover.Health
 	gossip *failover.Membership
 	orch   *orchestrator
+	drills drills
 	boot   string // this process's prefix of xDS session names
 
 	apiLn, xdsLn net.Listener

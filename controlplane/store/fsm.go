@@ -50,6 +50,9 @@ const (
 	// at epoch+1, new standbys, or both), if the shard's primary and epoch
 	// are still the move's From and FromEpoch; the shard serves after it.
 	OpPlanMove = "plan-move"
+	// OpDrill records Drill (replacing the record of the same ID): the
+	// drills and their reports, kept by the control plane.
+	OpDrill = "drill"
 	// OpHandoff records Handoff (replacing the record of the same ID):
 	// what the orchestrator did, for the API and a new leader.
 	OpHandoff = "handoff"
@@ -130,6 +133,7 @@ type Command struct {
 	State     routing.State     `json:"state,omitempty"`
 	Move      *routing.Move     `json:"move,omitempty"`
 	Handoff   *Handoff          `json:"handoff,omitempty"`
+	Drill     *Drill            `json:"drill,omitempty"`
 	// LeaseMargin, on a plan-move that changes the primary, requires the
 	// old primary's lease to have ended LeaseMargin before At (I3).
 	LeaseMargin time.Duration `json:"lease_margin,omitempty"`
@@ -172,7 +176,60 @@ type State struct {
 	Leases []Lease
 	// Handoffs are the last handoffs, oldest first (at most maxHandoffs).
 	Handoffs []Handoff
+	// Drills are the last drills with their reports, oldest first (at
+	// most maxDrills).
+	Drills []Drill
 }
+
+// Drill is an operator's drill (an evacuation, a restore) and its report.
+type Drill struct {
+	ID   string `json:"id"`
+	Kind string `json:"kind"`
+	// Region or Unit is the drill's target.
+	Region string `json:"region,omitempty"`
+	Unit   string `json:"unit,omitempty"`
+	Who    string `json:"who"`
+	// Phase: running, done, aborted, failed.
+	Phase  string `json:"phase"`
+	Reason string `json:"reason,omitempty"`
+	// Started and Ended on the leader's clock.
+	Started time.Time `json:"started"`
+	Ended   time.Time `json:"ended,omitzero"`
+	// Total shards to move; Moved so far; the write pause of the moves.
+	Total                int     `json:"total"`
+	Moved                int     `json:"moved"`
+	WritePauseMaxSeconds float64 `json:"write_pause_max_seconds"`
+	// Rules are the safety rules evaluated on the drill's plan.
+	Rules  []routing.RuleResult `json:"rules"`
+	Shards []DrillShard         `json:"shards"`
+	Events []DrillEvent         `json:"events"`
+}
+
+// DrillShard is one shard's move in a drill: its handoff and its RPO
+// check (the standby held everything the primary committed: Gap 0).
+type DrillShard struct {
+	Shard int    `json:"shard"`
+	From  string `json:"from"`
+	To    string `json:"to"`
+	// Phase: waiting, done, failed, skipped.
+	Phase             string    `json:"phase"`
+	Error             string    `json:"error,omitempty"`
+	Epoch             uint64    `json:"epoch,omitempty"`
+	WritePauseSeconds float64   `json:"write_pause_seconds,omitempty"`
+	RPOOK             bool      `json:"rpo_ok"`
+	Gap               uint64    `json:"gap,omitempty"`
+	Started           time.Time `json:"started,omitzero"`
+	Ended             time.Time `json:"ended,omitzero"`
+}
+
+// DrillEvent is a line of a drill's timeline.
+type DrillEvent struct {
+	At  time.Time `json:"at"`
+	Msg string    `json:"msg"`
+}
+
+// maxDrills bounds the drill records kept in the state.
+const maxDrills = 100
 
 // Handoff is one shard's move by the orchestrator.
 type Handoff struct {
@@ -402,6 +459,17 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 			what = fmt.Sprintf("move %s from %s to %s, epoch %d", routing.ShardName(mv.Shard), mv.From, mv.To, mv.FromEpoch+1)
 		}
 		return with(m), what, nil
+	case OpDrill:
+		if cmd.Drill == nil || cmd.Drill.ID == "" {
+			return nil, "", &RefusedError{Reason: "a drill record needs an id"}
+		}
+		n := with(cur.Map)
+		n.Drills = slices.DeleteFunc(slices.Clone(cur.Drills), func(d Drill) bool { return d.ID == cmd.Drill.ID })
+		n.Drills = append(n.Drills, *cmd.Drill)
+		if len(n.Drills) > maxDrills {
+			n.Drills = n.Drills[len(n.Drills)-maxDrills:]
+		}
+		return n, "", nil
 	case OpHandoff:
 		if cmd.Handoff == nil || cmd.Handoff.ID == "" {
 			return nil, "", &RefusedError{Reason: "handoff record without an id"}
@@ -555,12 +623,13 @@ type snapshotState struct {
 	Replicas  []Replica         `json:"replicas"`
 	Leases    []Lease           `json:"leases"`
 	Handoffs  []Handoff         `json:"handoffs,omitempty"`
+	Drills    []Drill           `json:"drills,omitempty"`
 	Actions   []Action          `json:"actions"`
 }
 
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	cur := f.cur.Load()
-	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Leases: cur.Leases, Handoffs: cur.Handoffs, Actions: f.actions()}
+	st := snapshotState{Index: cur.Index, Endpoints: cur.Endpoints, Replicas: cur.Replicas, Leases: cur.Leases, Handoffs: cur.Handoffs, Drills: cur.Drills, Actions: f.actions()}
 	if cur.Map != nil {
 		st.Topology = cur.Map.Topology()
 	}
@@ -573,7 +642,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if err := json.NewDecoder(rc).Decode(&st); err != nil {
 		return fmt.Errorf("decode snapshot: %w", err)
 	}
-	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas, Leases: st.Leases, Handoffs: st.Handoffs}
+	n := &State{Index: st.Index, Endpoints: st.Endpoints, Replicas: st.Replicas, Leases: st.Leases, Handoffs: st.Handoffs, Drills: st.Drills}
 	if st.Topology != nil {
 		var err error
 		if n.Map, err = routing.Compile(st.Topology); err != nil {
