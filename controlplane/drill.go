@@ -285,13 +285,13 @@ func (r *Replica) runDrill(ctx context.Context, rec store.Drill, abort *atomic.B
 		if err != nil {
 			failed++
 			s.Phase, s.Error = "failed", err.Error()
-			event("shard %d not moved from %s to %s: %v", s.Shard, s.From, s.To, err)
+			event("shard %d not moved from %s to %s (%d of %d): %v", s.Shard, s.From, s.To, i+1, rec.Total, err)
 		} else {
 			rec.Moved++
 			s.Phase, s.Epoch, s.WritePauseSeconds, s.Gap = "done", h.Epoch, h.WritePauseSeconds, h.Gap
 			s.RPOOK = h.Gap == 0
 			rec.WritePauseMaxSeconds = max(rec.WritePauseMaxSeconds, h.WritePauseSeconds)
-			event("shard %d moved %s -> %s at epoch %d: write pause %.0f ms, RPO check passed", s.Shard, s.From, s.To, h.Epoch, 1000*h.WritePauseSeconds)
+			event("shard %d moved %s -> %s at epoch %d (%d of %d): write pause %.0f ms, RPO check passed", s.Shard, s.From, s.To, h.Epoch, i+1, rec.Total, 1000*h.WritePauseSeconds)
 		}
 		save()
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,8 +16,9 @@ import (
 )
 
 // cellmesh demo brings the whole mesh up (3 replicas, 6 units with the
-// ledger), runs the load through every unit with no client-visible
-// error, and on Ctrl-C stops every process cleanly, writes its report and
+// ledger) and runs the load through every unit; a region is evacuated and
+// restored with cellmesh drill meanwhile, with no client-visible error;
+// on Ctrl-C the demo stops every process cleanly, writes its report and
 // exits 0; nothing of it listens afterwards.
 func TestDemo(t *testing.T) {
 	if testing.Short() {
@@ -62,8 +64,37 @@ func TestDemo(t *testing.T) {
 			t.Fatalf("no progress from the demo:\n%s", out.String())
 		}
 	}
-	if !strings.Contains(out.String(), "cellmesh demo is up:") || !strings.Contains(out.String(), "token:") {
-		t.Fatalf("the demo did not print its addresses and token:\n%s", out.String())
+	api := regexp.MustCompile(`control plane API: http://(\S+)`).FindStringSubmatch(out.String())
+	token := regexp.MustCompile(`token: +([0-9a-f]+)`).FindStringSubmatch(out.String())
+	if api == nil || token == nil {
+		t.Fatalf("the demo did not print its API address and token:\n%s", out.String())
+	}
+	// Drills against the running demo, through the CLI: a dry run, an
+	// evacuation of region eu (its 20 shards, one planned handoff after
+	// another, under the load) and the restore.
+	drill := func(args ...string) string {
+		t.Helper()
+		c := exec.CommandContext(ctx, bin, append([]string{"drill"}, append(args, "--api", api[1], "--timeout", "30s")...)...)
+		c.Env = append(os.Environ(), "CELLMESH_TOKEN="+token[1])
+		b, err := c.CombinedOutput()
+		if err != nil {
+			t.Fatalf("cellmesh drill %s: %v\n%s", strings.Join(args, " "), err, b)
+		}
+		return string(b)
+	}
+	if o := drill("evacuate", "--region", "eu", "--dry-run"); !strings.Contains(o, "20 shards to move; the plan passes every safety rule") {
+		t.Fatalf("dry run:\n%s", o)
+	}
+	if o := drill("evacuate", "--region", "eu"); !strings.Contains(o, "done: 20 of 20 shards moved") || !strings.Contains(o, "RPO check: 20 of 20") {
+		t.Fatalf("evacuation:\n%s", o)
+	} else {
+		t.Logf("cellmesh drill evacuate --region eu:\n%s", o)
+	}
+	if o := drill("restore", "--region", "eu"); !strings.Contains(o, "done: 20 of 20 shards moved") {
+		t.Fatalf("restore:\n%s", o)
+	}
+	if o := drill("list"); strings.Count(o, " done ") != 2 {
+		t.Fatalf("drill list:\n%s", o)
 	}
 	cmd.Process.Signal(syscall.SIGINT)
 	for l := range lines {

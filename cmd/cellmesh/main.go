@@ -43,6 +43,7 @@ func commands() []command {
 		{"shards", "list the shard map (owner, epoch, state, standbys), by unit or region", runShards},
 		{"move", "move a shard's primary to another unit (move SHARD --to UNIT)", runMove},
 		{"gossip-key", "print a new gossip key for a keyring file", runGossipKey},
+		{"drill", "run a drill: evacuate or restore a region or unit, list, show, abort", runDrill},
 		{"demo", "run the multi-region demo on this machine: replicas, units with the ledger, load", runDemo},
 		{"ledger", "run the ledger example service beside a sidecar (the demo's service)", runLedger},
 	}

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -138,18 +139,19 @@ func Start(ctx context.Context, opts Options) (d *Demo, err error) {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	d = &Demo{opts: opts, dir: opts.Dir}
-	if d.dir == "" {
-		if d.dir, err = os.MkdirTemp("", "cellmesh-demo-"); err != nil {
+	dm := &Demo{opts: opts, dir: opts.Dir}
+	if dm.dir == "" {
+		if dm.dir, err = os.MkdirTemp("", "cellmesh-demo-"); err != nil {
 			return nil, err
 		}
-		d.tmp = true
+		dm.tmp = true
 	}
 	defer func() {
 		if err != nil {
-			d.Stop()
+			dm.Stop() // what was started (d is nil by then)
 		}
 	}()
+	d = dm
 	var topo topology
 	if err := yaml.Unmarshal(ledger.Topology, &topo); err != nil {
 		return nil, fmt.Errorf("demo: the ledger topology: %w", err)
@@ -471,8 +473,12 @@ func (d *Demo) probeWrite(u Unit) bool {
 	return resp.StatusCode == http.StatusOK
 }
 
+// handedOut are the addresses freeAddr gave: each once, so two processes
+// of the demo never get the same port.
+var handedOut sync.Map
+
 // freeAddr is a 127.0.0.1 address free now for network (tcp, udp, or
-// gossip: both).
+// gossip: both), not given before.
 func freeAddr(network string) string {
 	for {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -481,6 +487,9 @@ func freeAddr(network string) string {
 		}
 		addr := ln.Addr().String()
 		ln.Close()
+		if _, given := handedOut.LoadOrStore(addr, true); given {
+			continue
+		}
 		if network == "tcp" {
 			return addr
 		}

@@ -16,10 +16,12 @@ import (
 
 // load plays users: each request enters the mesh through a random unit's
 // sidecar, for a random user; half are balance reads, a quarter deposits,
-// a quarter transfers to another user. A write is retried with its
-// idempotency key while the mesh answers 503 (a unit failing over, a
-// shard moving) for up to 5 s, as a client honouring Retry-After does;
-// what fails then is a client-visible error.
+// a quarter transfers to another user. A request is retried (a write with
+// its idempotency key) for up to 5 s while the answer says to retry: 503
+// (a unit failing over, a shard draining: Retry-After) or the ledger's 409
+// (the shard's epoch moved on: the sidecar's next map sends the retry to
+// the new owner), as the ledger's README tells its clients; what fails
+// then is a client-visible error.
 type load struct {
 	d        *Demo
 	users    int
@@ -106,15 +108,13 @@ func (g *load) one(ctx context.Context, r *rand.Rand) {
 	g.mu.Lock()
 	g.byUnit[u.Name]++
 	g.mu.Unlock()
+	method, path, body, key := "GET", "/accounts/"+uid, "", ""
 	switch n := r.IntN(4); {
 	case n < 2:
 		g.reads.Add(1)
-		if ok, kind := g.send(ctx, u, "GET", "/accounts/"+uid, uid, "", ""); !ok && kind != "" {
-			g.failed("GET " + kind)
-		}
 	default:
 		g.writes.Add(1)
-		path, body := "/accounts/"+uid+"/deposit", fmt.Sprintf(`{"amount":%d}`, 1+r.IntN(100))
+		method, path, body = "POST", "/accounts/"+uid+"/deposit", fmt.Sprintf(`{"amount":%d}`, 1+r.IntN(100))
 		if n == 3 {
 			to := g.user(r)
 			for to == uid {
@@ -122,23 +122,30 @@ func (g *load) one(ctx context.Context, r *rand.Rand) {
 			}
 			path, body = "/accounts/"+uid+"/transfer", fmt.Sprintf(`{"to":%q,"amount":%d}`, to, 1+r.IntN(50))
 		}
-		key := fmt.Sprintf("demo-%d", g.seq.Add(1))
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			ok, kind := g.send(ctx, u, "POST", path, uid, key, body)
-			switch {
-			case ok:
-				g.acked.Add(1)
-				return
-			case kind == "":
-				return // the run ended with the write in flight: neither
-			case !strings.HasPrefix(kind, "503") || time.Now().After(deadline):
-				g.failed("POST " + kind)
-				return
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		key = fmt.Sprintf("demo-%d", g.seq.Add(1))
 	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ok, kind := g.send(ctx, u, method, path, uid, key, body)
+		switch {
+		case ok:
+			if method == "POST" {
+				g.acked.Add(1)
+			}
+			return
+		case kind == "":
+			return // the run ended with the request in flight: neither
+		case !retryable(kind) || time.Now().After(deadline):
+			g.failed(method + " " + kind)
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// retryable says whether an answer tells the client to retry.
+func retryable(kind string) bool {
+	return strings.HasPrefix(kind, "503 ") || kind == "409 ledger"
 }
 
 // send sends one request through unit u and reports whether it was
