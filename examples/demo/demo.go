@@ -310,6 +310,9 @@ func (d *Demo) start(name string, args ...string) error {
 	cmd := exec.Command(d.opts.Bin, args...)
 	cmd.Env = append(os.Environ(), "CELLMESH_TOKEN="+d.token)
 	cmd.Dir = d.dir
+	// Should the demo die without its cleanup (a crash, SIGKILL), its
+	// processes are told to stop too, rather than left running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()
