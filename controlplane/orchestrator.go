@@ -399,8 +399,12 @@ func (o *orchestrator) failShard(ctx context.Context, st *store.State, mv routin
 		if !ok {
 			var err error
 			if rep, err = o.freshReplication(ctx, mv.To, svc); err != nil {
-				why = append(why, fmt.Sprintf("%s in %s did not report its watermarks: %v", svc, mv.To, err))
-				continue
+				// No answer is no proof either way (the standby's sidecar
+				// re-registering after a leader change, a slow answer):
+				// the shard waits on its lost primary and the next round
+				// asks again, rather than blocking it for an operator.
+				o.logOnce(slog.LevelWarn, "failover waits: the standby did not report its watermarks", "shard", mv.Shard, "to", mv.To, "service", svc, "error", err)
+				return true
 			}
 			reports[mv.To+"/"+svc] = rep
 		}
