@@ -231,6 +231,17 @@ type DrillEvent struct {
 // maxDrills bounds the drill records kept in the state.
 const maxDrills = 100
 
+// upsert returns a copy of records with rec last, in place of the record of
+// the same id, keeping at most the last limit.
+func upsert[T any](records []T, rec T, id func(T) string, limit int) []T {
+	out := slices.DeleteFunc(slices.Clone(records), func(r T) bool { return id(r) == id(rec) })
+	out = append(out, rec)
+	if len(out) > limit {
+		out = out[len(out)-limit:]
+	}
+	return out
+}
+
 // Handoff is one shard's move by the orchestrator.
 type Handoff struct {
 	ID    string `json:"id"`
@@ -464,22 +475,14 @@ func (f *fsm) next(cur *State, cmd Command) (*State, string, error) {
 			return nil, "", &RefusedError{Reason: "a drill record needs an id"}
 		}
 		n := with(cur.Map)
-		n.Drills = slices.DeleteFunc(slices.Clone(cur.Drills), func(d Drill) bool { return d.ID == cmd.Drill.ID })
-		n.Drills = append(n.Drills, *cmd.Drill)
-		if len(n.Drills) > maxDrills {
-			n.Drills = n.Drills[len(n.Drills)-maxDrills:]
-		}
+		n.Drills = upsert(cur.Drills, *cmd.Drill, func(d Drill) string { return d.ID }, maxDrills)
 		return n, "", nil
 	case OpHandoff:
 		if cmd.Handoff == nil || cmd.Handoff.ID == "" {
 			return nil, "", &RefusedError{Reason: "handoff record without an id"}
 		}
 		n := with(cur.Map)
-		n.Handoffs = slices.DeleteFunc(slices.Clone(cur.Handoffs), func(h Handoff) bool { return h.ID == cmd.Handoff.ID })
-		n.Handoffs = append(n.Handoffs, *cmd.Handoff)
-		if len(n.Handoffs) > maxHandoffs {
-			n.Handoffs = n.Handoffs[len(n.Handoffs)-maxHandoffs:]
-		}
+		n.Handoffs = upsert(cur.Handoffs, *cmd.Handoff, func(h Handoff) string { return h.ID }, maxHandoffs)
 		return n, "", nil
 	case OpGrant:
 		if cur.Map == nil || cmd.TTL <= 0 {
