@@ -117,11 +117,18 @@ func TestNoWritesWithoutLease(t *testing.T) {
 }
 
 // freezeRelay carries TCP connections to a replica until frozen; frozen,
-// it drops what either side sends without closing anything, as a
-// partition does.
+// it drops what either side sends without closing anything. cut() also
+// stops accepting connections, as a partition does; frozen alone, it is a
+// replica that is there but says nothing (no leader to renew leases).
 type freezeRelay struct {
-	ln     net.Listener
-	frozen atomic.Bool
+	ln       net.Listener
+	frozen   atomic.Bool
+	accepted atomic.Int64
+}
+
+func (r *freezeRelay) cut() {
+	r.frozen.Store(true)
+	r.ln.Close()
 }
 
 func newFreezeRelay(t *testing.T, target string) *freezeRelay {
@@ -167,6 +174,7 @@ func newFreezeRelay(t *testing.T, target string) *freezeRelay {
 			if err != nil {
 				return
 			}
+			r.accepted.Add(1)
 			up, err := net.Dial("tcp", target)
 			if err != nil {
 				c.Close()
@@ -183,35 +191,64 @@ func newFreezeRelay(t *testing.T, target string) *freezeRelay {
 	return r
 }
 
-// A replica that goes silent (cut off, nothing reset) is given up after
-// half the lease's TTL, and the next one renews the lease before it runs
-// out: gRPC's own pings would notice only after about 15 s.
+// A replica cut off (silent, and no new connection reaches it) is given up
+// after half the lease's TTL, and the next one renews the lease before it
+// runs out: gRPC's own pings would notice only after about 15 s. A replica
+// that is only silent (reachable: waiting for a raft leader) is kept.
 func TestXDSSilentReplicaGivenUpBeforeTheLeaseEnds(t *testing.T) {
 	m := newMesh(t, meshOpts{})
 	topo := expand(t, m.topo)
 	cp := newTestCP(t, m.ca, cpID("cp-1"), "127.0.0.1:0")
 	cp.publish(topo, m.endpoints())
-	relays := map[string]*freezeRelay{}
-	var servers []string
-	for range 2 {
-		r := newFreezeRelay(t, cp.addr)
-		relays[r.ln.Addr().String()] = r
-		servers = append(servers, r.ln.Addr().String())
-	}
-	id := Identity{Region: "us-east", Unit: "us-east-1", Service: "echo"}
-	x := xdsNode(t, m.ca, id, XDSConfig{Servers: servers}, nil)
-	grant := func(seq uint64) {
-		t.Helper()
-		l := &cellmeshv1.Lease{Name: "us-east-1", Unit: "us-east-1", Seq: seq, TtlMillis: 4000, GrantedUnixMillis: uint64(time.Now().UnixMilli())}
-		if err := cp.leases.UpdateResource("us-east-1", l); err != nil {
-			t.Fatal(err)
+	seq := uint64(0)
+	// sidecar starts a sidecar of unit us-east-1 streaming through two
+	// relays of its own, grants it a lease, and returns it with the relay
+	// it streams through.
+	sidecar := func() (*node, *freezeRelay, map[string]*freezeRelay) {
+		relays := map[string]*freezeRelay{}
+		var servers []string
+		for range 2 {
+			r := newFreezeRelay(t, cp.addr)
+			relays[r.ln.Addr().String()] = r
+			servers = append(servers, r.ln.Addr().String())
 		}
-		waitFor(t, xdsWait, func() bool { g := x.sc.lease.Load(); return g != nil && g.seq == seq }, fmt.Sprintf("grant %d", seq))
+		id := Identity{Region: "us-east", Unit: "us-east-1", Service: "echo"}
+		x := xdsNode(t, m.ca, id, XDSConfig{Servers: servers}, nil)
+		seq++
+		grantTo(t, cp, x, seq)
+		return x, relays[x.sc.xds.Load().snapshot().Server], relays
 	}
-	grant(1)
-	used := x.sc.xds.Load().snapshot().Server
-	relays[used].frozen.Store(true)
-	waitFor(t, xdsWait, func() bool { return x.logs.contains("nothing from the replica for 2s (half the lease's TTL)") }, "the silent replica given up")
-	waitFor(t, xdsWait, func() bool { s := x.sc.xds.Load().snapshot(); return s.Connected && s.Server != used }, "a stream from the other replica")
-	grant(2) // renewed through the other replica
+
+	// Silent but reachable: kept.
+	x, used, _ := sidecar()
+	used.frozen.Store(true)
+	probed := used.accepted.Load()
+	waitFor(t, xdsWait, func() bool { return used.accepted.Load() > probed }, "a probe of the silent replica")
+	if s := x.sc.xds.Load().snapshot(); x.logs.contains("nothing from the replica") || s.Server != used.ln.Addr().String() {
+		t.Fatalf("a silent but reachable replica was given up (now on %s)", s.Server)
+	}
+
+	// Cut off: given up for the other, which renews the lease.
+	x, used, _ = sidecar()
+	used.cut()
+	waitFor(t, xdsWait, func() bool {
+		return x.logs.contains("nothing from the replica for 2s (half the lease's TTL) and a new connection to it failed")
+	}, "the cut-off replica given up")
+	waitFor(t, xdsWait, func() bool {
+		s := x.sc.xds.Load().snapshot()
+		return s.Connected && s.Server != used.ln.Addr().String()
+	}, "a stream from the other replica")
+	seq++
+	grantTo(t, cp, x, seq)
+}
+
+// grantTo grants unit us-east-1 a 4 s lease with seq and waits until x
+// holds it.
+func grantTo(t *testing.T, cp *testCP, x *node, seq uint64) {
+	t.Helper()
+	l := &cellmeshv1.Lease{Name: "us-east-1", Unit: "us-east-1", Seq: seq, TtlMillis: 4000, GrantedUnixMillis: uint64(time.Now().UnixMilli())}
+	if err := cp.leases.UpdateResource("us-east-1", l); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, xdsWait, func() bool { g := x.sc.lease.Load(); return g != nil && g.seq == seq }, fmt.Sprintf("grant %d", seq))
 }

@@ -361,6 +361,20 @@ func (c *xdsClient) backoff(failures int) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
+// probeTimeout bounds the connection that tells a silent replica from a
+// cut-off one.
+const probeTimeout = 500 * time.Millisecond
+
+// reachable opens (and closes) a TCP connection to server.
+func reachable(ctx context.Context, server string) error {
+	d := net.Dialer{Timeout: probeTimeout}
+	c, err := d.DialContext(ctx, "tcp", server)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
 // streamState is what one stream knows: the last nonce of each type, and
 // the cluster names last asked for (nil before the first endpoint request).
 type streamState struct {
@@ -574,7 +588,14 @@ func (c *xdsClient) stream(ctx context.Context, server string) (answered bool, e
 		case <-ctx.Done():
 			return answered, ctx.Err()
 		case <-silent:
-			return answered, fmt.Errorf("nothing from the replica for %s (half the lease's TTL) while it should renew the lease every quarter TTL: it may be cut off; trying the next", limit)
+			// Silence alone is not proof: a replica waiting for a new
+			// raft leader renews nothing either, and leaving it for another
+			// only churns registrations. A new connection to it tells: a
+			// replica cut off does not accept one.
+			if err := reachable(ctx, server); err != nil {
+				return answered, fmt.Errorf("nothing from the replica for %s (half the lease's TTL) and a new connection to it failed (%v): it may be cut off; trying the next", limit, err)
+			}
+			heard = time.Now()
 		case req := <-delayed:
 			if req.ResponseNonce != ss.nonces[req.TypeUrl] {
 				continue // a newer response of the type has been answered

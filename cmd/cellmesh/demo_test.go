@@ -111,7 +111,12 @@ func TestDemo(t *testing.T) {
 	var r struct {
 		Units    []struct{ Name string }
 		Replicas []struct{ API string }
-		Load     struct {
+		Check    *struct {
+			Verified   int `json:"verified"`
+			Mismatches int `json:"mismatches"`
+			Unreadable int `json:"unreadable"`
+		} `json:"acknowledged_writes_check"`
+		Load struct {
 			Requests     int64            `json:"requests"`
 			WritesAcked  int64            `json:"writes_acked"`
 			ClientErrors int64            `json:"client_errors"`
@@ -125,10 +130,81 @@ func TestDemo(t *testing.T) {
 	if len(r.Units) != 6 || len(r.Replicas) != 3 || r.Load.WritesAcked == 0 || r.Load.ClientErrors != 0 || len(r.Load.ByUnit) != 6 {
 		t.Fatalf("report: %d units, %d replicas, load %+v; want 6, 3, writes acknowledged through every unit and no client-visible error", len(r.Units), len(r.Replicas), r.Load)
 	}
+	if r.Check == nil || r.Check.Verified == 0 || r.Check.Mismatches != 0 || r.Check.Unreadable != 0 {
+		t.Fatalf("the check of acknowledged writes: %+v", r.Check)
+	}
 	for _, rep := range r.Replicas {
 		if c, err := net.DialTimeout("tcp", rep.API, time.Second); err == nil {
 			c.Close()
 			t.Fatalf("replica API %s still answers after the demo ended", rep.API)
 		}
+	}
+}
+
+// cellmesh demo --duration D --drill evacuate:ap@T: the drill runs through
+// the control plane under the load and moves every shard of the region; the
+// report says so, with no client-visible error and every acknowledged
+// write found; the demo exits 0.
+func TestDemoScheduledDrill(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts 15 processes")
+	}
+	bin, _ := buildBinaries(t)
+	report := filepath.Join(t.TempDir(), "report.json")
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "demo", "--duration", "20s", "--drill", "evacuate:ap@6s", "--rate", "60", "--report", report)
+	cmd.WaitDelay = 10 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("cellmesh demo: %v\n%s", err, out)
+	}
+	t.Logf("cellmesh demo:\n%s", out)
+	// Bad drills are refused before anything starts.
+	for _, bad := range []string{"evacuate:mars@1s", "melt:ap@1s", "evacuate:ap", "evacuate:ap@soon"} {
+		c := exec.CommandContext(ctx, bin, "demo", "--duration", "1s", "--drill", bad)
+		if b, err := c.CombinedOutput(); err == nil || !strings.Contains(string(b), bad[:strings.IndexAny(bad, ":")]) {
+			t.Fatalf("cellmesh demo --drill %s: %v\n%s", bad, err, b)
+		}
+	}
+	data, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Drills []struct {
+			Phase  string
+			Report struct {
+				Moved, Total int
+				Region       string
+				Shards       []struct {
+					From  string
+					RPOOK bool `json:"rpo_ok"`
+				}
+			}
+		}
+		Check struct {
+			Verified   int `json:"verified"`
+			Mismatches int `json:"mismatches"`
+			Unreadable int `json:"unreadable"`
+		} `json:"acknowledged_writes_check"`
+		Load struct {
+			ClientErrors int64            `json:"client_errors"`
+			ErrorKinds   map[string]int64 `json:"error_kinds"`
+		}
+	}
+	if err := json.Unmarshal(data, &r); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Drills) != 1 || r.Drills[0].Phase != "done" || r.Drills[0].Report.Region != "ap" || r.Drills[0].Report.Moved != 20 || r.Drills[0].Report.Total != 20 {
+		t.Fatalf("the drill in the report: %+v", r.Drills)
+	}
+	for _, s := range r.Drills[0].Report.Shards {
+		if !strings.HasPrefix(s.From, "ap-") || !s.RPOOK {
+			t.Fatalf("a shard of the drill: %+v", s)
+		}
+	}
+	if r.Check.Verified == 0 || r.Check.Mismatches != 0 || r.Check.Unreadable != 0 || r.Load.ClientErrors != 0 {
+		t.Fatalf("check %+v, client errors %d %v", r.Check, r.Load.ClientErrors, r.Load.ErrorKinds)
 	}
 }

@@ -43,6 +43,9 @@ type Options struct {
 	Progress      io.Writer
 	ProgressEvery time.Duration
 	Log           *slog.Logger
+	// Drills run through the control plane at their times from the
+	// load's start.
+	Drills []DrillSpec
 }
 
 // Report is what a run did, written as JSON by --report.
@@ -54,6 +57,11 @@ type Report struct {
 	Units    []Unit    `json:"units"`
 	Replicas []Replica `json:"replicas"`
 	Load     Load      `json:"load"`
+	// Drills are the scheduled drills with the control plane's reports.
+	Drills []DrillResult `json:"drills,omitempty"`
+	// Check is the end-of-run check that no acknowledged write is lost
+	// (absent when the data directory held data from an earlier run).
+	Check *Check `json:"acknowledged_writes_check,omitempty"`
 }
 
 // Unit is a unit of the demo with the addresses of its processes.
@@ -107,6 +115,7 @@ type Demo struct {
 	report  Report
 	procs   []*proc
 	stopped bool
+	fresh   bool // the ledgers start empty: balances are the load's alone
 }
 
 // proc is a process the demo started.
@@ -158,6 +167,16 @@ func Start(ctx context.Context, opts Options) (d *Demo, err error) {
 	}
 	for _, r := range topo.Regions {
 		d.report.Regions = append(d.report.Regions, r.Name)
+	}
+	var unitNames []string
+	for _, u := range topo.Units {
+		unitNames = append(unitNames, u.Name)
+	}
+	if err := checkDrills(opts.Drills, d.report.Regions, unitNames); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	if entries, err := os.ReadDir(filepath.Join(d.dir, "data")); d.tmp || err != nil || len(entries) == 0 {
+		d.fresh = true
 	}
 	b := make([]byte, 16)
 	_, _ = rand.Read(b)
@@ -288,10 +307,26 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		defer cancel()
 	}
 	g := newLoad(d, d.opts.Users, d.opts.Rate)
+	start := time.Now()
+	results := make([]DrillResult, len(d.opts.Drills))
+	var wg sync.WaitGroup
+	for i, spec := range d.opts.Drills {
+		wg.Add(1)
+		go func() { defer wg.Done(); results[i] = d.runDrill(runCtx, start, spec, d.opts.Progress) }()
+	}
 	g.run(runCtx, d.opts.Progress, d.opts.ProgressEvery)
+	wg.Wait() // a drill under way when the load stops goes on to its end
+	d.report.Drills = results
 	d.report.Ended = time.Now().UTC()
 	d.report.Seconds = d.report.Ended.Sub(d.report.Started).Seconds()
 	d.report.Load = g.result()
+	if d.fresh {
+		fmt.Fprintln(d.opts.Progress, "checking that no acknowledged write is lost: reading every account the load wrote to...")
+		c := g.check(context.WithoutCancel(ctx))
+		d.report.Check = &c
+		fmt.Fprintf(d.opts.Progress, "check: %d accounts, %d match their acknowledged writes, %d mismatch, %d unreadable, %d with a write of unknown outcome (not compared)\n",
+			c.Accounts, c.Verified, c.Lost, c.Unreadable, c.Uncertain)
+	}
 	fmt.Fprintln(d.opts.Progress, "stopping: the load, then the sidecars and ledgers, then the replicas...")
 	if err := d.Stop(); err != nil {
 		return &d.report, err

@@ -36,11 +36,20 @@ type load struct {
 	mu       sync.Mutex
 	kinds    map[string]int64
 	byUnit   map[string]int64
+	books    map[string]*account // what each user's balance must be
+}
+
+// account is what the load knows a user's balance must be: the sum of
+// its acknowledged writes, unless a write's outcome is unknown (no answer:
+// it may or may not have happened).
+type account struct {
+	balance   int64
+	uncertain bool
 }
 
 func newLoad(d *Demo, users, rate int) *load {
 	return &load{d: d, users: users, rate: rate, client: &http.Client{Timeout: 10 * time.Second},
-		kinds: map[string]int64{}, byUnit: map[string]int64{}}
+		kinds: map[string]int64{}, byUnit: map[string]int64{}, books: map[string]*account{}}
 }
 
 // workers bounds the requests in flight.
@@ -109,35 +118,156 @@ func (g *load) one(ctx context.Context, r *rand.Rand) {
 	g.byUnit[u.Name]++
 	g.mu.Unlock()
 	method, path, body, key := "GET", "/accounts/"+uid, "", ""
+	var amount int64
+	to := ""
 	switch n := r.IntN(4); {
 	case n < 2:
 		g.reads.Add(1)
 	default:
 		g.writes.Add(1)
-		method, path, body = "POST", "/accounts/"+uid+"/deposit", fmt.Sprintf(`{"amount":%d}`, 1+r.IntN(100))
+		amount = int64(1 + r.IntN(100))
+		method, path, body = "POST", "/accounts/"+uid+"/deposit", fmt.Sprintf(`{"amount":%d}`, amount)
 		if n == 3 {
-			to := g.user(r)
+			to = g.user(r)
 			for to == uid {
 				to = g.user(r)
 			}
-			path, body = "/accounts/"+uid+"/transfer", fmt.Sprintf(`{"to":%q,"amount":%d}`, to, 1+r.IntN(50))
+			amount = int64(1 + r.IntN(50))
+			path, body = "/accounts/"+uid+"/transfer", fmt.Sprintf(`{"to":%q,"amount":%d}`, to, amount)
 		}
 		key = fmt.Sprintf("demo-%d", g.seq.Add(1))
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		ok, kind := g.send(ctx, u, method, path, uid, key, body)
+		ok, kind, out := g.send(ctx, u, method, path, uid, key, body)
 		switch {
 		case ok:
 			if method == "POST" {
 				g.acked.Add(1)
+				g.book(uid, to, amount, out["ok"] == true, false)
 			}
 			return
 		case kind == "":
-			return // the run ended with the request in flight: neither
+			if method == "POST" {
+				g.book(uid, to, amount, false, true) // in flight at the end
+			}
+			return
 		case !retryable(kind) || time.Now().After(deadline):
 			g.failed(method + " " + kind)
+			if method == "POST" {
+				g.book(uid, to, amount, false, true)
+			}
 			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// book records a write's outcome: a deposit (to == "") or a transfer to
+// to, applied (done), refused (neither: an insufficient-funds transfer)
+// or unknown.
+func (g *load) book(uid, to string, amount int64, done, unknown bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	acct := func(u string) *account {
+		a := g.books[u]
+		if a == nil {
+			a = &account{}
+			g.books[u] = a
+		}
+		return a
+	}
+	from := acct(uid)
+	switch {
+	case unknown:
+		from.uncertain = true
+		if to != "" {
+			acct(to).uncertain = true
+		}
+	case !done && to == "":
+		from.uncertain = true // a deposit acknowledged without ok: not expected
+	case !done:
+		acct(to) // the refused transfer's receiver is still checked
+	case to == "":
+		from.balance += amount
+	default:
+		from.balance -= amount
+		acct(to).balance += amount
+	}
+}
+
+// Check is the end-of-run check that no acknowledged write is lost: every
+// user the load wrote to is read (linearizable) and its balance compared
+// with the sum of its acknowledged writes.
+type Check struct {
+	Accounts   int      `json:"accounts"`
+	Verified   int      `json:"verified"`
+	Uncertain  int      `json:"uncertain"` // a write of unknown outcome: not compared
+	Lost       int      `json:"mismatches"`
+	Unreadable int      `json:"unreadable"`
+	Examples   []string `json:"examples,omitempty"`
+}
+
+// check reads every account the load wrote to.
+func (g *load) check(ctx context.Context) Check {
+	g.mu.Lock()
+	books := make(map[string]account, len(g.books))
+	for u, a := range g.books {
+		books[u] = *a
+	}
+	g.mu.Unlock()
+	var c Check
+	units := g.d.report.Units
+	i := 0
+	for uid, want := range books {
+		c.Accounts++
+		if want.uncertain {
+			c.Uncertain++
+			continue
+		}
+		u := units[i%len(units)]
+		i++
+		bal, err := g.balance(ctx, u, uid)
+		switch {
+		case err != nil:
+			c.Unreadable++
+			if len(c.Examples) < 5 {
+				c.Examples = append(c.Examples, fmt.Sprintf("%s: %v", uid, err))
+			}
+		case bal != want.balance:
+			c.Lost++
+			if len(c.Examples) < 5 {
+				c.Examples = append(c.Examples, fmt.Sprintf("%s: balance %d, its acknowledged writes sum to %d", uid, bal, want.balance))
+			}
+		default:
+			c.Verified++
+		}
+	}
+	return c
+}
+
+// balance reads a user's balance, linearizable, retrying for 5 s.
+func (g *load) balance(ctx context.Context, u Unit, uid string) (int64, error) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+u.Outbound+"/accounts/"+uid, nil)
+		req.Host = "ledger"
+		req.Header.Set("x-cellmesh-uid", uid)
+		req.Header.Set("x-cellmesh-consistency", "linearizable")
+		resp, err := g.client.Do(req)
+		if err == nil {
+			var out struct {
+				Balance int64 `json:"balance"`
+			}
+			ok := resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&out) == nil
+			resp.Body.Close()
+			if ok {
+				return out.Balance, nil
+			}
+			err = fmt.Errorf("HTTP %d %s", resp.StatusCode, resp.Header.Get("x-cellmesh-error"))
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return 0, err
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -149,9 +279,9 @@ func retryable(kind string) bool {
 }
 
 // send sends one request through unit u and reports whether it was
-// answered 200; if not, what failed: the status and the sidecar's error
-// kind ("" when the run ended first).
-func (g *load) send(ctx context.Context, u Unit, method, path, uid, key, body string) (bool, string) {
+// answered 200, with the answer; if not, what failed: the status and the
+// sidecar's error kind ("" when the run ended first).
+func (g *load) send(ctx context.Context, u Unit, method, path, uid, key, body string) (bool, string, map[string]any) {
 	req, _ := http.NewRequestWithContext(ctx, method, "http://"+u.Outbound+path, strings.NewReader(body))
 	req.Host = "ledger"
 	req.Header.Set("x-cellmesh-uid", uid)
@@ -161,20 +291,20 @@ func (g *load) send(ctx context.Context, u Unit, method, path, uid, key, body st
 	resp, err := g.client.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return false, "" // the run ended: not the mesh's failure
+			return false, "", nil // the run ended: not the mesh's failure
 		}
-		return false, "transport"
+		return false, "transport", nil
 	}
 	defer resp.Body.Close()
 	var out map[string]any
 	if resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&out) == nil {
-		return true, ""
+		return true, "", out
 	}
 	kind := resp.Header.Get("x-cellmesh-error")
 	if kind == "" {
 		kind = "ledger"
 	}
-	return false, fmt.Sprintf("%d %s", resp.StatusCode, kind)
+	return false, fmt.Sprintf("%d %s", resp.StatusCode, kind), nil
 }
 
 func (g *load) failed(kind string) {
