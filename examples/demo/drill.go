@@ -86,7 +86,10 @@ func (d *Demo) runDrill(ctx context.Context, start time.Time, spec DrillSpec, pr
 	}
 	fmt.Fprintf(progress, "drill %s:%s started (%s)\n", spec.Kind, spec.Target, started.ID)
 	seen := 0
-	for {
+	// The drill goes on past the load's end, but not forever: a control
+	// plane that stops answering leaves it unknown.
+	giveUp := time.Now().Add(10 * time.Minute)
+	for time.Now().Before(giveUp) {
 		var rep struct {
 			Phase  string `json:"phase"`
 			Events []struct {
@@ -106,6 +109,8 @@ func (d *Demo) runDrill(ctx context.Context, start time.Time, spec DrillSpec, pr
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+	res.Phase, res.Error = "unknown", "the control plane did not report the drill's end within 10 minutes"
+	return res
 }
 
 // apiCall sends a call to the leader's API and decodes its answer.
