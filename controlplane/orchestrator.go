@@ -503,13 +503,7 @@ func (o *orchestrator) planned(ctx context.Context, shard int, to string, epoch 
 	mv := routing.Move{Shard: shard, Global: shard == routing.GlobalShard, From: owner.Unit, To: to, FromEpoch: epoch, ToEpoch: epoch + 1, Standbys: sb, OldStandbys: owner.Standbys, Wave: 1,
 		CopyFirst: !slices.Contains(owner.Standbys, to)}
 	plan := &routing.Plan{Kind: "move", Target: routing.ShardName(shard), Version: m.Version(), Moves: []routing.Move{mv}, Waves: 1}
-	var lost []string
-	v := o.r.health.View()
-	for _, u := range v.Units {
-		if u.State == failover.StateDown {
-			lost = append(lost, u.Unit)
-		}
-	}
+	lost := o.r.downUnits()
 	if slices.Contains(lost, to) {
 		return nil, errorf(http.StatusConflict, "unit %s is down (gossip): a shard does not move there", to)
 	}

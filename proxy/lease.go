@@ -113,7 +113,11 @@ func (s *Sidecar) refuseWithoutLease(w http.ResponseWriter, r *http.Request, wri
 	if !write {
 		what = "linearizable reads"
 	}
-	s.m.noLease.WithLabelValues(map[bool]string{true: "write", false: "read"}[write]).Inc()
+	kind := "read"
+	if write {
+		kind = "write"
+	}
+	s.m.noLease.WithLabelValues(kind).Inc()
 	w.Header().Set("Retry-After", "1")
 	answer(w, http.StatusServiceUnavailable, "no-lease", fmt.Sprintf("unit %s holds no lease from the control plane, so it takes no %s for %s (its shards may be moving to a standby): retry", s.cfg.Identity.Unit, what, shard))
 	return true

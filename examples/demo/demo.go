@@ -285,12 +285,6 @@ gossip: {bind: %s, join: [%s], profile: fast, key_file: %s}
 	return d, nil
 }
 
-// Token is the control plane's API token.
-func (d *Demo) Token() string { return d.token }
-
-// Dir is the directory of the run's files.
-func (d *Demo) Dir() string { return d.dir }
-
 // Run starts the mesh, runs the load until ctx ends or the duration
 // passes, stops everything and returns the report.
 func Run(ctx context.Context, opts Options) (*Report, error) {
@@ -450,18 +444,12 @@ var apiClient = &http.Client{Timeout: 5 * time.Second}
 
 // members reads a replica's /v1/members.
 func (d *Demo) members(api string) (leader string, replicas int, ok bool) {
-	req, _ := http.NewRequest("GET", "http://"+api+"/v1/members", nil)
-	req.Header.Set("Authorization", "Bearer "+d.token)
-	resp, err := apiClient.Do(req)
-	if err != nil {
-		return "", 0, false
-	}
-	defer resp.Body.Close()
 	var m struct {
 		Leader   string
 		Replicas []struct{ ID string }
 	}
-	if resp.StatusCode != 200 || json.NewDecoder(resp.Body).Decode(&m) != nil {
+	raw, err := d.apiAt(context.Background(), api, "GET", "/v1/members", nil)
+	if err != nil || json.Unmarshal(raw, &m) != nil {
 		return "", 0, false
 	}
 	return m.Leader, len(m.Replicas), true

@@ -122,13 +122,20 @@ func (d *Demo) apiCall(ctx context.Context, method, path string, body, out any) 
 	return json.Unmarshal(raw, out)
 }
 
+// apiRaw sends a call to the leader's API and returns its answer's body.
 func (d *Demo) apiRaw(ctx context.Context, method, path string, body any) ([]byte, error) {
+	return d.apiAt(ctx, d.leaderAPI(), method, path, body)
+}
+
+// apiAt sends a call to the API at addr; an answer other than 200 is an
+// error saying the API's error.
+func (d *Demo) apiAt(ctx context.Context, addr, method, path string, body any) ([]byte, error) {
 	var rd io.Reader
 	if body != nil {
 		b, _ := json.Marshal(body)
 		rd = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://"+d.leaderAPI()+path, rd)
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+path, rd)
 	if err != nil {
 		return nil, err
 	}
